@@ -1,0 +1,264 @@
+//! The protocol: what a resource (a *data manager*) must do, and when tm calls it.
+//!
+//! This file is the protocol's one home. Every guarantee tm gives a data
+//! manager, and every promise it asks for, is stated here.
+//!
+//! # The life of a resource in one transaction
+//!
+//! A data manager is joined to a [`Transaction`] with
+//! [`Transaction::join`](crate::Transaction::join) (joining the same `Arc`
+//! twice joins it once). From then on it receives **exactly one ending**:
+//!
+//! * [`commit_one_phase`](DataManager::commit_one_phase) — when it is the only
+//!   resource of a committing transaction;
+//! * [`tpc_finish`](DataManager::tpc_finish) — after a successful two-phase
+//!   commit;
+//! * [`tpc_abort`](DataManager::tpc_abort) — when the commit failed before
+//!   the decision and this resource's `tpc_begin` had been called (even if
+//!   `tpc_begin` itself failed: it may have half-begun);
+//! * [`abort`](DataManager::abort) — when the transaction is aborted outside
+//!   two-phase commit, or the commit failed before this resource's
+//!   `tpc_begin` was called.
+//!
+//! A resource whose `tpc_finish` fails *after the decision* gets no ending in
+//! this process: it stays prepared (in doubt), is named in
+//! [`Error::Heuristic`](crate::Error::Heuristic), and is finished later by
+//! [`recover`](crate::recover). tm never rolls back a participant after the
+//! decision.
+//!
+//! # Two-phase commit, in order
+//!
+//! For a transaction with two or more resources, sorted by
+//! [`sort_key`](DataManager::sort_key) (stable: ties keep join order):
+//!
+//! 1. `tpc_begin` on every resource;
+//! 2. `commit` on every resource (stage the changes);
+//! 3. `tpc_vote` on every resource that [`can_prepare`](DataManager::can_prepare);
+//! 4. the decision is made durable in the decision log, if one is configured;
+//! 5. `tpc_vote` then `tpc_finish` on each resource that cannot prepare (the
+//!    *last resource*: its own commit is the decision);
+//! 6. `tpc_finish` on every other resource.
+//!
+//! Panics in any of these methods are caught and treated as an error of that
+//! resource in that phase ([`Error::Panicked`](crate::Error::Panicked)).
+//!
+//! # Threads
+//!
+//! Calls for one transaction come from the thread that commits or aborts it,
+//! never concurrently. Different transactions may call the same data manager
+//! object from different threads, hence `Send + Sync`.
+
+use std::fmt;
+
+use crate::error::{Error, Result};
+use crate::transaction::Transaction;
+
+/// A resource taking part in transactions: the ZODB `IDataManager` protocol.
+///
+/// The required methods are the two-phase commit protocol; the provided ones
+/// have defaults that suit most resources.
+///
+/// # Example
+///
+/// A resource that only logs what it is asked:
+///
+/// ```
+/// use std::sync::Arc;
+/// use tm_core::{DataManager, Transaction, TransactionManager, Result};
+///
+/// struct Printer;
+/// impl DataManager for Printer {
+///     fn sort_key(&self) -> &str { "printer" }
+///     fn abort(&self, _: &Transaction) -> Result<()> { Ok(()) }
+///     fn tpc_begin(&self, _: &Transaction) -> Result<()> { Ok(()) }
+///     fn commit(&self, _: &Transaction) -> Result<()> { Ok(()) }
+///     fn tpc_vote(&self, _: &Transaction) -> Result<()> { Ok(()) }
+///     fn tpc_finish(&self, txn: &Transaction) -> Result<()> {
+///         tracing::info!(txn = %txn.id(), "committed");
+///         Ok(())
+///     }
+///     fn tpc_abort(&self, _: &Transaction) -> Result<()> { Ok(()) }
+/// }
+///
+/// let tm = TransactionManager::explicit();
+/// let txn = tm.begin()?;
+/// txn.join(Arc::new(Printer))?;
+/// tm.commit()?;
+/// # Ok::<(), tm_core::Error>(())
+/// ```
+pub trait DataManager: Send + Sync {
+    /// The commit order: resources are called sorted by this key (ties keep
+    /// join order). It also names the resource in errors and logs, so make it
+    /// say which store this is (e.g. `sqlite:/var/db/app.db`).
+    fn sort_key(&self) -> &str;
+
+    /// Abort outside two-phase commit: the transaction is being aborted and
+    /// `tpc_begin` was never called on this resource. Discard every change.
+    fn abort(&self, txn: &Transaction) -> Result<()>;
+
+    /// Two-phase commit begins. Called once, before `commit`.
+    fn tpc_begin(&self, txn: &Transaction) -> Result<()>;
+
+    /// Phase 1: stage this transaction's changes so they can be voted on.
+    fn commit(&self, txn: &Transaction) -> Result<()>;
+
+    /// Vote: after `Ok(())` the resource **promises** that `tpc_finish` will
+    /// succeed, even after a crash (a durable prepare). Conflicts found here
+    /// are reported as [`Error::Conflict`].
+    ///
+    /// For a resource that cannot prepare (`can_prepare() == false`) the vote
+    /// comes after every other vote and the decision; its `tpc_vote` +
+    /// `tpc_finish` pair is the decision.
+    fn tpc_vote(&self, txn: &Transaction) -> Result<()>;
+
+    /// Phase 2: make the changes permanent and release what the vote held.
+    ///
+    /// A failure here, after the decision, leaves the resource in doubt: tm
+    /// reports [`Error::Heuristic`] and never calls `tpc_abort` on it.
+    fn tpc_finish(&self, txn: &Transaction) -> Result<()>;
+
+    /// Undo everything since `tpc_begin` (including a prepare). Must be safe
+    /// to call whatever part of the commit ran, including a failed
+    /// `tpc_begin`.
+    fn tpc_abort(&self, txn: &Transaction) -> Result<()>;
+
+    /// Remember the current state so that it can be rolled back to.
+    ///
+    /// The default refuses with [`Error::SavepointNotSupported`].
+    fn savepoint(&self, txn: &Transaction) -> Result<Box<dyn ResourceSavepoint>> {
+        let _ = txn;
+        Err(Error::SavepointNotSupported {
+            resource: self.sort_key().to_owned(),
+        })
+    }
+
+    /// Whether `err` (a link of a failure's `source()` chain) is worth retrying
+    /// the whole transaction for. Asked before anything is aborted. The
+    /// default says no; [`Error::Conflict`] and [`Error::Transient`] are
+    /// retried without asking.
+    fn should_retry(&self, err: &(dyn std::error::Error + 'static)) -> bool {
+        let _ = err;
+        false
+    }
+
+    /// `false` for a store that cannot prepare durably (e.g. SQLite): it is
+    /// voted and finished last, after the decision (last-resource commit).
+    fn can_prepare(&self) -> bool {
+        true
+    }
+
+    /// Commit in one step, when this is the transaction's only resource.
+    ///
+    /// A failure is this resource's ending: it must leave nothing behind. The
+    /// default runs `tpc_begin`, `commit`, `tpc_vote`, `tpc_finish`, and
+    /// `tpc_abort` if one of the first three fails.
+    fn commit_one_phase(&self, txn: &Transaction) -> Result<()> {
+        let staged = self
+            .tpc_begin(txn)
+            .and_then(|()| self.commit(txn))
+            .and_then(|()| self.tpc_vote(txn));
+        if let Err(err) = staged {
+            if let Err(cleanup) = self.tpc_abort(txn) {
+                tracing::error!(resource = self.sort_key(), error = %cleanup, "tpc_abort after a failed one-phase commit failed");
+            }
+            return Err(err);
+        }
+        self.tpc_finish(txn)
+    }
+
+    /// The id under which this resource appears in the decision log's
+    /// participant list: a [`Recoverable`](crate::Recoverable) resource
+    /// returns its [`resource_id`](crate::Recoverable::resource_id), so that
+    /// [`recover`](crate::recover) knows when every participant has finished.
+    /// The default (`None`) means the resource cannot be recovered and is not
+    /// listed.
+    fn recovery_id(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A data manager's savepoint: rolling it back restores the resource to the
+/// state it had when the savepoint was taken. It may be rolled back to more
+/// than once.
+pub trait ResourceSavepoint: Send {
+    /// Restore the resource to this savepoint.
+    fn rollback(&self) -> Result<()>;
+}
+
+/// Observes every transaction of a manager (ZODB's `ISynchronizer`).
+///
+/// `before_completion` and `after_completion` bracket every commit (successful
+/// or not) and every abort.
+pub trait Synchronizer: Send + Sync {
+    /// A transaction began (or was already active when this synchronizer was
+    /// registered).
+    fn new_transaction(&self, txn: &Transaction) {
+        let _ = txn;
+    }
+    /// A commit or an abort is about to start.
+    fn before_completion(&self, txn: &Transaction) {
+        let _ = txn;
+    }
+    /// A commit or an abort has ended (look at `txn.status()`).
+    fn after_completion(&self, txn: &Transaction) {
+        let _ = txn;
+    }
+}
+
+/// A step of the protocol: names the phase in errors, logs and [`CallLog`]s.
+///
+/// [`CallLog`]: crate::testing::CallLog
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Phase {
+    /// [`DataManager::abort`].
+    Abort,
+    /// [`DataManager::tpc_begin`].
+    TpcBegin,
+    /// [`DataManager::commit`].
+    Commit,
+    /// [`DataManager::tpc_vote`].
+    TpcVote,
+    /// [`DataManager::tpc_finish`].
+    TpcFinish,
+    /// [`DataManager::tpc_abort`].
+    TpcAbort,
+    /// [`DataManager::commit_one_phase`].
+    CommitOnePhase,
+    /// [`DataManager::savepoint`].
+    Savepoint,
+    /// [`ResourceSavepoint::rollback`].
+    Rollback,
+    /// Work inside the transaction, before commit (reads, staged writes).
+    Work,
+    /// Opening or connecting to a resource.
+    Open,
+    /// Crash recovery ([`recover`](crate::recover)).
+    Recover,
+}
+
+impl Phase {
+    /// The protocol's name of the phase (`"tpc_vote"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Abort => "abort",
+            Phase::TpcBegin => "tpc_begin",
+            Phase::Commit => "commit",
+            Phase::TpcVote => "tpc_vote",
+            Phase::TpcFinish => "tpc_finish",
+            Phase::TpcAbort => "tpc_abort",
+            Phase::CommitOnePhase => "commit_one_phase",
+            Phase::Savepoint => "savepoint",
+            Phase::Rollback => "rollback",
+            Phase::Work => "work",
+            Phase::Open => "open",
+            Phase::Recover => "recover",
+        }
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

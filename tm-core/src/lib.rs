@@ -1,0 +1,145 @@
+//! # tm-core: a ZODB-style two-phase transaction manager
+//!
+//! Join several stores (anything that implements [`DataManager`]) to one
+//! [`Transaction`] and get one atomic outcome: every store commits or none
+//! does. Conflicts are retried ([`TransactionManager::run`],
+//! [`TransactionManager::attempts`]), savepoints span every store, hooks and
+//! synchronizers observe the life of each transaction, and — what the Python
+//! `transaction` package never had — a durable [`DecisionLog`] plus
+//! [`recover`] finish whatever a crash left half done.
+//!
+//! ```
+//! use tm_core::{MemoryStore, TransactionManager};
+//!
+//! let accounts = MemoryStore::<i64>::named("accounts");
+//! let audit = MemoryStore::<String>::named("audit");
+//! let tm = TransactionManager::new();
+//!
+//! tm.run(|txn| {
+//!     let a = accounts.join(txn)?;
+//!     let log = audit.join(txn)?;
+//!     let balance = a.get("alice")?.unwrap_or(0);
+//!     a.put("alice", balance + 10);
+//!     log.put("last", "alice +10".to_string());
+//!     Ok::<_, tm_core::Error>(())
+//! })?;
+//!
+//! assert_eq!(accounts.committed("alice"), Some(10));
+//! assert_eq!(audit.committed("last").as_deref(), Some("alice +10"));
+//! # Ok::<(), tm_core::Error>(())
+//! ```
+//!
+//! ## The commit protocol
+//!
+//! 1. A doomed transaction refuses to commit ([`Error::Doomed`]).
+//! 2. Before-commit hooks run (they may join resources), then synchronizers'
+//!    `before_completion`.
+//! 3. Resources are sorted by [`DataManager::sort_key`] (stable).
+//! 4. One resource: [`DataManager::commit_one_phase`], done.
+//! 5. Otherwise `tpc_begin`, `commit`, `tpc_vote` on all (that can prepare).
+//! 6. The decision is logged, if a [`DecisionLog`] is configured.
+//! 7. Resources that cannot prepare (SQLite) are voted and finished last:
+//!    their commit is the decision.
+//! 8. `tpc_finish` on the rest; a failure now is [`Error::Heuristic`].
+//! 9. A failure before the decision ends every resource exactly once
+//!    (`tpc_abort` if its `tpc_begin` ran, `abort` otherwise).
+//! 10. After-commit hooks, synchronizers' `after_completion`.
+//!
+//! See [`data_manager`] for the contract a resource implements.
+
+#![warn(missing_docs)]
+
+mod attempts;
+pub mod data_manager;
+mod decision_log;
+mod error;
+mod manager;
+mod memory;
+mod recovery;
+mod savepoint;
+mod status;
+pub mod testing;
+mod transaction;
+mod txid;
+
+pub use attempts::{Attempt, Attempts, Backoff};
+pub use data_manager::{DataManager, Phase, ResourceSavepoint, Synchronizer};
+pub use decision_log::{Decision, DecisionLog, FileDecisionLog};
+pub use error::{BoxError, Error, Result};
+pub use manager::{TransactionManager, TransactionManagerBuilder, TxError};
+pub use memory::{MemoryHandle, MemoryStore};
+pub use recovery::{recover, Recoverable, RecoveryReport};
+pub use savepoint::Savepoint;
+pub use status::Status;
+pub use transaction::Transaction;
+pub use txid::{ParseTxIdError, TxId};
+
+thread_local! {
+    static THREAD_MANAGER: TransactionManager = TransactionManager::new();
+}
+
+/// This thread's default manager (implicit, like `transaction.manager`):
+/// each thread has its own.
+///
+/// ```
+/// let txn = tm_core::begin()?;
+/// assert_eq!(tm_core::get()?, txn);
+/// tm_core::abort()?;
+/// # Ok::<(), tm_core::Error>(())
+/// ```
+pub fn manager() -> TransactionManager {
+    THREAD_MANAGER.with(|m| m.clone())
+}
+
+/// [`TransactionManager::begin`] on this thread's [`manager`].
+pub fn begin() -> Result<Transaction> {
+    manager().begin()
+}
+
+/// [`TransactionManager::get`] on this thread's [`manager`].
+pub fn get() -> Result<Transaction> {
+    manager().get()
+}
+
+/// [`TransactionManager::commit`] on this thread's [`manager`].
+pub fn commit() -> Result<()> {
+    manager().commit()
+}
+
+/// [`TransactionManager::abort`] on this thread's [`manager`].
+pub fn abort() -> Result<()> {
+    manager().abort()
+}
+
+/// [`TransactionManager::doom`] on this thread's [`manager`].
+pub fn doom() -> Result<()> {
+    manager().doom()
+}
+
+/// [`TransactionManager::savepoint`] on this thread's [`manager`].
+pub fn savepoint() -> Result<Savepoint> {
+    manager().savepoint()
+}
+
+/// [`TransactionManager::run`] on this thread's [`manager`].
+pub fn run<T, E, F>(f: F) -> Result<T, E>
+where
+    F: FnMut(&Transaction) -> Result<T, E>,
+    E: TxError,
+{
+    manager().run(f)
+}
+
+/// [`TransactionManager::atomic`] on this thread's [`manager`].
+pub fn atomic<T, E, F>(f: F) -> Result<T, E>
+where
+    F: FnOnce(&Transaction) -> Result<T, E>,
+    E: TxError,
+{
+    manager().atomic(f)
+}
+
+/// [`TransactionManager::attempts`] on this thread's [`manager`].
+pub fn attempts() -> Attempts {
+    manager().attempts()
+}

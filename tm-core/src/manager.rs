@@ -1,0 +1,594 @@
+//! The transaction manager: which transaction is current, and the ways to run
+//! work in one (`run`, `atomic`, `attempts`).
+
+use std::cell::RefCell;
+use std::fmt;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use tracing::error;
+
+use crate::attempts::{Attempts, Backoff};
+use crate::data_manager::Synchronizer;
+use crate::decision_log::DecisionLog;
+use crate::error::{Error, Result};
+use crate::savepoint::Savepoint;
+use crate::status::Status;
+use crate::transaction::Transaction;
+
+/// What every transaction of one manager shares with it.
+pub(crate) struct Shared {
+    id: u64,
+    explicit: bool,
+    retry_attempt_count: AtomicU32,
+    pub(crate) backoff: Mutex<Backoff>,
+    pub(crate) decision_log: Option<Arc<dyn DecisionLog>>,
+    synchs: RwLock<Arc<[Arc<dyn Synchronizer>]>>,
+}
+
+static NEXT_MANAGER: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's current transaction, per manager (few managers per
+    /// thread: a vector beats a map).
+    static CURRENT: RefCell<Vec<(u64, Transaction)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Shared {
+    pub(crate) fn synchs(&self) -> Arc<[Arc<dyn Synchronizer>]> {
+        self.synchs.read().clone()
+    }
+
+    fn current(&self) -> Option<Transaction> {
+        CURRENT.with(|c| {
+            let mut c = c.borrow_mut();
+            let pos = c.iter().position(|(id, _)| *id == self.id)?;
+            if c[pos].1.status().is_finished() {
+                // Finished on another thread: the manager forgets it lazily.
+                c.swap_remove(pos);
+                return None;
+            }
+            Some(c[pos].1.clone())
+        })
+    }
+
+    fn set_current(&self, txn: Transaction) {
+        CURRENT.with(|c| {
+            let mut c = c.borrow_mut();
+            match c.iter_mut().find(|(id, _)| *id == self.id) {
+                Some(slot) => slot.1 = txn,
+                None => c.push((self.id, txn)),
+            }
+        })
+    }
+
+    /// Called by a transaction once it is committed or aborted.
+    pub(crate) fn forget(&self, txn: &Transaction) {
+        // `try_with`: a transaction may end while thread-locals are torn down.
+        let _ = CURRENT.try_with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some(pos) = c.iter().position(|(id, t)| *id == self.id && t == txn) {
+                c.swap_remove(pos);
+            }
+        });
+    }
+}
+
+/// Makes and tracks transactions: ZODB's `TransactionManager`.
+///
+/// A cheap handle (`Clone`, `Send + Sync`). Each thread has its own current
+/// transaction in a manager, so one manager can be shared by worker threads,
+/// each running its own transactions; synchronizers, the retry count, the
+/// backoff and the decision log are shared.
+///
+/// * **Implicit** ([`new`](Self::new), the default): `get()` starts a
+///   transaction when there is none; `begin()` aborts the current one first.
+/// * **Explicit** ([`explicit`](Self::explicit)): `get()` without `begin()` is
+///   [`Error::NoTransaction`]; `begin()` inside a transaction is
+///   [`Error::AlreadyInTransaction`].
+///
+/// ```
+/// use tm_core::{MemoryStore, TransactionManager};
+///
+/// let tm = TransactionManager::explicit();
+/// let store = MemoryStore::<i64>::new();
+/// let total = tm.run(|txn| {
+///     let h = store.join(txn)?;
+///     let n = h.get("n")?.unwrap_or(0) + 1;
+///     h.put("n", n);
+///     Ok::<_, tm_core::Error>(n)
+/// })?;
+/// assert_eq!(total, 1);
+/// assert_eq!(store.committed("n"), Some(1));
+/// # Ok::<(), tm_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct TransactionManager {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for TransactionManager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransactionManager")
+            .field("explicit", &self.shared.explicit)
+            .field("retry_attempt_count", &self.retry_attempt_count())
+            .field("current", &self.shared.current().map(|t| t.id()))
+            .finish()
+    }
+}
+
+impl Default for TransactionManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Builds a [`TransactionManager`].
+///
+/// ```
+/// use tm_core::{Backoff, TransactionManager};
+/// let tm = TransactionManager::builder()
+///     .explicit(true)
+///     .retry_attempt_count(5)
+///     .backoff(Backoff::None)
+///     .build();
+/// assert_eq!(tm.retry_attempt_count(), 5);
+/// ```
+#[derive(Default)]
+#[must_use]
+pub struct TransactionManagerBuilder {
+    explicit: bool,
+    retry_attempt_count: Option<u32>,
+    backoff: Option<Backoff>,
+    decision_log: Option<Arc<dyn DecisionLog>>,
+}
+
+impl fmt::Debug for TransactionManagerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransactionManagerBuilder")
+            .field("explicit", &self.explicit)
+            .field("retry_attempt_count", &self.retry_attempt_count)
+            .field("backoff", &self.backoff)
+            .field("decision_log", &self.decision_log.is_some())
+            .finish()
+    }
+}
+
+impl TransactionManagerBuilder {
+    /// Explicit mode (see [`TransactionManager`]).
+    pub fn explicit(mut self, explicit: bool) -> Self {
+        self.explicit = explicit;
+        self
+    }
+    /// How many attempts `run` and `attempts()` make (default 3).
+    pub fn retry_attempt_count(mut self, n: u32) -> Self {
+        self.retry_attempt_count = Some(n);
+        self
+    }
+    /// The pause between attempts (default: jittered exponential).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = Some(backoff);
+        self
+    }
+    /// Record every two-phase commit decision durably in `log`.
+    pub fn decision_log(mut self, log: Arc<dyn DecisionLog>) -> Self {
+        self.decision_log = Some(log);
+        self
+    }
+    /// The manager.
+    pub fn build(self) -> TransactionManager {
+        TransactionManager {
+            shared: Arc::new(Shared {
+                id: NEXT_MANAGER.fetch_add(1, Ordering::Relaxed),
+                explicit: self.explicit,
+                retry_attempt_count: AtomicU32::new(self.retry_attempt_count.unwrap_or(3)),
+                backoff: Mutex::new(self.backoff.unwrap_or_default()),
+                decision_log: self.decision_log,
+                synchs: RwLock::new(Arc::from(Vec::new())),
+            }),
+        }
+    }
+}
+
+/// An error type that closures given to [`TransactionManager::run`],
+/// [`atomic`](TransactionManager::atomic) and [`Attempt::run`](crate::Attempt::run)
+/// may return: it can hold a [`tm_core::Error`](Error), and tm can look inside
+/// it to decide whether to retry.
+///
+/// Implemented for [`Error`], `Box<dyn std::error::Error + Send + Sync>`,
+/// `Box<dyn std::error::Error>` and (feature `anyhow`) `anyhow::Error`. For
+/// an application error enum, one line: [`tx_error!`](crate::tx_error).
+pub trait TxError: From<Error> {
+    /// The error as a `std::error::Error`, to walk its `source()` chain.
+    fn as_std_error(&self) -> Option<&(dyn std::error::Error + 'static)>;
+}
+
+impl TxError for Error {
+    fn as_std_error(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self)
+    }
+}
+
+impl TxError for Box<dyn std::error::Error + Send + Sync + 'static> {
+    fn as_std_error(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&**self)
+    }
+}
+
+impl TxError for Box<dyn std::error::Error + 'static> {
+    fn as_std_error(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&**self)
+    }
+}
+
+#[cfg(feature = "anyhow")]
+impl TxError for anyhow::Error {
+    fn as_std_error(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.as_ref())
+    }
+}
+
+/// Implements [`TxError`] for an application error type that implements
+/// `std::error::Error + From<tm_core::Error>`.
+///
+/// ```
+/// #[derive(Debug, thiserror::Error)]
+/// enum AppError {
+///     #[error("insufficient funds")]
+///     Funds,
+///     #[error(transparent)]
+///     Tm(#[from] tm_core::Error),
+/// }
+/// tm_core::tx_error!(AppError);
+///
+/// let tm = tm_core::TransactionManager::explicit();
+/// let r: Result<(), AppError> = tm.run(|_txn| Err(AppError::Funds));
+/// assert!(matches!(r, Err(AppError::Funds)));
+/// ```
+#[macro_export]
+macro_rules! tx_error {
+    ($($ty:ty),+ $(,)?) => {$(
+        impl $crate::TxError for $ty {
+            fn as_std_error(&self) -> ::std::option::Option<&(dyn ::std::error::Error + 'static)> {
+                ::std::option::Option::Some(self)
+            }
+        }
+    )+};
+}
+
+impl TransactionManager {
+    /// An implicit manager (like `transaction.TransactionManager()`).
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// An explicit manager (like `TransactionManager(explicit=True)`).
+    pub fn explicit() -> Self {
+        Self::builder().explicit(true).build()
+    }
+
+    /// A builder for the other settings.
+    pub fn builder() -> TransactionManagerBuilder {
+        TransactionManagerBuilder::default()
+    }
+
+    /// Whether the manager is explicit.
+    pub fn is_explicit(&self) -> bool {
+        self.shared.explicit
+    }
+
+    /// The configured decision log.
+    pub fn decision_log(&self) -> Option<Arc<dyn DecisionLog>> {
+        self.shared.decision_log.clone()
+    }
+
+    /// Begins a transaction and makes it this thread's current one.
+    ///
+    /// Explicit mode: [`Error::AlreadyInTransaction`] if one is active.
+    /// Implicit mode: the current one, if any, is aborted first.
+    pub fn begin(&self) -> Result<Transaction> {
+        if let Some(current) = self.shared.current() {
+            if self.shared.explicit {
+                return Err(Error::AlreadyInTransaction);
+            }
+            if let Err(err) = current.abort() {
+                error!(error = %err, txn = %current.id(), "abort of the previous transaction in begin() failed");
+            }
+        }
+        Ok(self.start())
+    }
+
+    fn start(&self) -> Transaction {
+        let txn = Transaction::new(self.shared.clone());
+        self.shared.set_current(txn.clone());
+        for s in self.shared.synchs().iter() {
+            s.new_transaction(&txn);
+        }
+        txn
+    }
+
+    /// This thread's current transaction. Implicit mode starts one if there
+    /// is none; explicit mode gives [`Error::NoTransaction`].
+    pub fn get(&self) -> Result<Transaction> {
+        match self.shared.current() {
+            Some(txn) => Ok(txn),
+            None if self.shared.explicit => Err(Error::NoTransaction),
+            None => Ok(self.start()),
+        }
+    }
+
+    /// Whether this thread has a current transaction (including a failed
+    /// commit not yet aborted).
+    pub fn in_transaction(&self) -> bool {
+        self.shared.current().is_some()
+    }
+
+    /// Commits the current transaction (implicit mode: `Ok` with none).
+    pub fn commit(&self) -> Result<()> {
+        self.get()?.commit()
+    }
+
+    /// Aborts the current transaction (implicit mode: `Ok` with none).
+    pub fn abort(&self) -> Result<()> {
+        self.get()?.abort()
+    }
+
+    /// Dooms the current transaction.
+    pub fn doom(&self) -> Result<()> {
+        self.get()?.doom()
+    }
+
+    /// Whether the current transaction is doomed (`false` with none).
+    pub fn is_doomed(&self) -> bool {
+        self.shared.current().is_some_and(|t| t.is_doomed())
+    }
+
+    /// A savepoint of the current transaction.
+    pub fn savepoint(&self) -> Result<Savepoint> {
+        self.get()?.savepoint()
+    }
+
+    /// Registers a synchronizer; if a transaction is active on this thread it
+    /// gets `new_transaction` at once.
+    pub fn register_synch(&self, s: Arc<dyn Synchronizer>) {
+        {
+            let mut synchs = self.shared.synchs.write();
+            if synchs.iter().any(|x| Arc::ptr_eq(x, &s)) {
+                return;
+            }
+            let mut v: Vec<_> = synchs.iter().cloned().collect();
+            v.push(s.clone());
+            *synchs = Arc::from(v);
+        }
+        if let Some(txn) = self.shared.current() {
+            s.new_transaction(&txn);
+        }
+    }
+
+    /// Unregisters a synchronizer (by identity).
+    pub fn unregister_synch(&self, s: &Arc<dyn Synchronizer>) {
+        let mut synchs = self.shared.synchs.write();
+        let v: Vec<_> = synchs
+            .iter()
+            .filter(|x| !Arc::ptr_eq(x, s))
+            .cloned()
+            .collect();
+        *synchs = Arc::from(v);
+    }
+
+    /// How many attempts `run` and `attempts()` make (default 3).
+    pub fn retry_attempt_count(&self) -> u32 {
+        self.shared.retry_attempt_count.load(Ordering::Relaxed)
+    }
+
+    /// Sets how many attempts `run` and `attempts()` make.
+    pub fn set_retry_attempt_count(&self, n: u32) {
+        self.shared.retry_attempt_count.store(n, Ordering::Relaxed);
+    }
+
+    /// The pause between attempts.
+    pub fn backoff(&self) -> Backoff {
+        self.shared.backoff.lock().clone()
+    }
+
+    /// Sets the pause between attempts.
+    pub fn set_backoff(&self, backoff: Backoff) {
+        *self.shared.backoff.lock() = backoff;
+    }
+
+    /// [`retry_attempt_count`](Self::retry_attempt_count) attempts.
+    pub fn attempts(&self) -> Attempts {
+        self.attempts_n(self.retry_attempt_count())
+    }
+
+    /// `n` attempts. `n == 0` yields one attempt whose `run` fails with
+    /// [`Error::InvalidArgument`] without calling the closure.
+    ///
+    /// ```
+    /// use tm_core::{MemoryStore, TransactionManager};
+    /// let tm = TransactionManager::explicit();
+    /// let store = MemoryStore::<u32>::new();
+    /// for attempt in tm.attempts_n(5) {
+    ///     let done = attempt.run(|txn| {
+    ///         store.join(txn)?.put("k", 7);
+    ///         Ok::<_, tm_core::Error>(())
+    ///     })?;
+    ///     if done.is_some() { break; }
+    /// }
+    /// assert_eq!(store.committed("k"), Some(7));
+    /// # Ok::<(), tm_core::Error>(())
+    /// ```
+    pub fn attempts_n(&self, n: u32) -> Attempts {
+        Attempts::new(self.clone(), n)
+    }
+
+    /// Begins, runs `f`, commits; retries retryable failures (up to
+    /// [`retry_attempt_count`](Self::retry_attempt_count) attempts, with the
+    /// backoff between them). Refuses to start inside an active transaction
+    /// ([`Error::AlreadyInTransaction`]). Always leaves the manager with no
+    /// transaction. A panic in `f` aborts the transaction and propagates.
+    pub fn run<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnMut(&Transaction) -> Result<T, E>,
+        E: TxError,
+    {
+        self.run_with_note(None, f)
+    }
+
+    /// Like [`run`](Self::run), noting `name` on each attempt's transaction.
+    pub fn run_named<T, E, F>(&self, name: &str, f: F) -> Result<T, E>
+    where
+        F: FnMut(&Transaction) -> Result<T, E>,
+        E: TxError,
+    {
+        self.run_with_note(Some(name), f)
+    }
+
+    fn run_with_note<T, E, F>(&self, name: Option<&str>, mut f: F) -> Result<T, E>
+    where
+        F: FnMut(&Transaction) -> Result<T, E>,
+        E: TxError,
+    {
+        self.ensure_no_transaction()?;
+        let mut attempts = self.attempts();
+        loop {
+            let Some(attempt) = attempts.next() else {
+                // Attempts always yield until a success or a returned error.
+                return Err(Error::InvalidArgument("no attempt was made".to_owned()).into());
+            };
+            if let Some(value) = attempt.run_noted(name, &mut f)? {
+                return Ok(value);
+            }
+        }
+    }
+
+    /// Runs `f` atomically, like Django's `atomic`: the outermost call is a
+    /// transaction (begin, `f`, commit on `Ok`, abort on `Err`; no retry), a
+    /// nested call is a savepoint rolled back when `f` returns `Err`.
+    ///
+    /// ```
+    /// use tm_core::{MemoryStore, TransactionManager};
+    /// let tm = TransactionManager::explicit();
+    /// let store = MemoryStore::<i32>::new();
+    /// tm.atomic(|txn| {
+    ///     store.join(txn)?.put("kept", 1);
+    ///     let inner: Result<(), tm_core::Error> = tm.atomic(|txn| {
+    ///         store.join(txn)?.put("undone", 2);
+    ///         Err(tm_core::Error::InvalidArgument("changed my mind".into()))
+    ///     });
+    ///     assert!(inner.is_err());
+    ///     Ok::<_, tm_core::Error>(())
+    /// })?;
+    /// assert_eq!(store.committed("kept"), Some(1));
+    /// assert_eq!(store.committed("undone"), None);
+    /// # Ok::<(), tm_core::Error>(())
+    /// ```
+    pub fn atomic<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Transaction) -> Result<T, E>,
+        E: TxError,
+    {
+        if let Some(txn) = self.shared.current() {
+            return self.atomic_nested(&txn, f);
+        }
+        let txn = self.begin()?;
+        match catch_unwind(AssertUnwindSafe(|| f(&txn))) {
+            Ok(Ok(value)) => match txn.commit() {
+                Ok(()) => Ok(value),
+                Err(err) => {
+                    abort_logged(&txn);
+                    Err(err.into())
+                }
+            },
+            Ok(Err(err)) => {
+                abort_logged(&txn);
+                Err(err)
+            }
+            Err(payload) => {
+                abort_logged(&txn);
+                resume_unwind(payload)
+            }
+        }
+    }
+
+    fn atomic_nested<T, E, F>(&self, txn: &Transaction, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Transaction) -> Result<T, E>,
+        E: TxError,
+    {
+        // Optimistic: a resource without savepoints only matters if we must
+        // roll back, and then the whole transaction fails (CommitFailed).
+        let sp = txn.savepoint_optimistic()?;
+        match catch_unwind(AssertUnwindSafe(|| f(txn))) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => {
+                if let Err(rollback) = sp.rollback() {
+                    error!(error = %rollback, "rolling back a nested atomic block failed");
+                }
+                Err(err)
+            }
+            Err(payload) => {
+                if let Err(rollback) = sp.rollback() {
+                    error!(error = %rollback, "rolling back a panicking nested atomic block failed");
+                }
+                resume_unwind(payload)
+            }
+        }
+    }
+
+    /// Whether `err` is worth retrying: [`Error::Conflict`] or
+    /// [`Error::Transient`] anywhere in its `source()` chain, or a link that
+    /// a resource joined to the current transaction says to retry
+    /// ([`DataManager::should_retry`](crate::DataManager::should_retry)).
+    /// [`Error::Heuristic`] is never retryable.
+    pub fn is_retryable(&self, err: &(dyn std::error::Error + 'static)) -> bool {
+        match self.shared.current() {
+            Some(txn) => is_retryable_in(Some(&txn), err),
+            None => is_retryable_in(None, err),
+        }
+    }
+
+    /// [`Error::AlreadyInTransaction`] if this thread has a current
+    /// transaction.
+    pub fn ensure_no_transaction(&self) -> Result<()> {
+        if self.in_transaction() {
+            Err(Error::AlreadyInTransaction)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+pub(crate) fn abort_logged(txn: &Transaction) {
+    if matches!(txn.status(), Status::Committed | Status::Aborted) {
+        return;
+    }
+    if let Err(err) = txn.abort() {
+        error!(error = %err, txn = %txn.id(), "abort failed");
+    }
+}
+
+pub(crate) fn is_retryable_in(
+    txn: Option<&Transaction>,
+    err: &(dyn std::error::Error + 'static),
+) -> bool {
+    let resources = txn.map(|t| t.resources()).unwrap_or_default();
+    let mut link: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = link {
+        if let Some(tm_err) = e.downcast_ref::<Error>() {
+            if tm_err.is_heuristic() {
+                return false;
+            }
+            if tm_err.is_retryable() {
+                return true;
+            }
+        }
+        if resources.iter().any(|dm| dm.should_retry(e)) {
+            return true;
+        }
+        link = e.source();
+    }
+    false
+}

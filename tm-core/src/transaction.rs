@@ -1,0 +1,803 @@
+//! One unit of work: the resources joined to it, its hooks, its metadata, and
+//! the commit protocol that ends it.
+//!
+//! The protocol's order and its invariants ("exactly one ending per resource",
+//! "never a rollback after the decision") are enforced here, in
+//! [`Transaction::commit`] and [`Transaction::abort`]; the contract each
+//! resource sees is written down in [`crate::data_manager`].
+
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tracing::{debug, error, trace, warn};
+
+use crate::data_manager::{DataManager, Phase, ResourceSavepoint};
+use crate::decision_log::Decision;
+use crate::error::{Error, Result};
+use crate::manager::Shared;
+use crate::savepoint::Savepoint;
+use crate::status::Status;
+use crate::txid::TxId;
+
+type BeforeCommitHook = Box<dyn FnOnce(&Transaction) -> Result<()> + Send>;
+type AfterCommitHook = Box<dyn FnOnce(bool, &Transaction) + Send>;
+type AbortHook = Box<dyn FnOnce(&Transaction) + Send>;
+
+/// A handle on one transaction. Cheap to clone; all clones are the same
+/// transaction. `Send + Sync`.
+///
+/// Transactions are made by a [`TransactionManager`](crate::TransactionManager)
+/// (`begin()` / `get()`), which also keeps the current one per thread.
+///
+/// ```
+/// use tm_core::{MemoryStore, TransactionManager, Status};
+///
+/// let tm = TransactionManager::explicit();
+/// let store = MemoryStore::<i64>::new();
+/// let txn = tm.begin()?;
+/// txn.note("open the account");
+/// store.join(&txn)?.put("alice", 100);
+/// txn.commit()?;
+/// assert_eq!(txn.status(), Status::Committed);
+/// assert_eq!(store.committed("alice"), Some(100));
+/// # Ok::<(), tm_core::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Transaction {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: TxId,
+    shared: Arc<Shared>,
+    span: tracing::Span,
+    state: Mutex<State>,
+}
+
+struct State {
+    status: Status,
+    resources: Vec<Arc<dyn DataManager>>,
+    /// Ids of the valid savepoints, oldest first.
+    savepoints: Vec<u64>,
+    next_savepoint: u64,
+    description: String,
+    user: String,
+    extension: BTreeMap<String, String>,
+    before_commit: VecDeque<BeforeCommitHook>,
+    after_commit: VecDeque<AfterCommitHook>,
+    before_abort: VecDeque<AbortHook>,
+    after_abort: VecDeque<AbortHook>,
+    data: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
+    /// Set when a failed commit has already given every resource its ending
+    /// (or left it in doubt): `abort()` must not call them again. The list is
+    /// kept so that the retry decision can still ask them.
+    resources_ended: bool,
+}
+
+impl fmt::Debug for Transaction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Transaction")
+            .field("id", &self.inner.id)
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl PartialEq for Transaction {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+impl Eq for Transaction {}
+
+/// Runs one protocol call on one resource, turning a panic into
+/// [`Error::Panicked`] so that the other resources still get their ending.
+fn call(dm: &Arc<dyn DataManager>, phase: Phase, f: impl FnOnce() -> Result<()>) -> Result<()> {
+    trace!(resource = dm.sort_key(), phase = phase.as_str(), "call");
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => {
+            if let Err(err) = &result {
+                debug!(resource = dm.sort_key(), phase = phase.as_str(), error = %err, "resource failed");
+            }
+            result
+        }
+        Err(payload) => Err(Error::Panicked {
+            resource: dm.sort_key().to_owned(),
+            phase,
+            message: panic_message(&*payload),
+        }),
+    }
+}
+
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Runs a hook that must not stop the others: a panic is logged and swallowed.
+fn run_guarded(kind: &'static str, f: impl FnOnce()) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(f)) {
+        error!(hook = kind, panic = %panic_message(&*payload), "hook panicked; the remaining hooks still run");
+    }
+}
+
+impl Transaction {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        let id = TxId::new();
+        let span = tracing::debug_span!("transaction", id = %id);
+        Transaction {
+            inner: Arc::new(Inner {
+                id,
+                shared,
+                span,
+                state: Mutex::new(State {
+                    status: Status::Active,
+                    resources: Vec::new(),
+                    savepoints: Vec::new(),
+                    next_savepoint: 0,
+                    description: String::new(),
+                    user: String::new(),
+                    extension: BTreeMap::new(),
+                    before_commit: VecDeque::new(),
+                    after_commit: VecDeque::new(),
+                    before_abort: VecDeque::new(),
+                    after_abort: VecDeque::new(),
+                    data: HashMap::new(),
+                    resources_ended: false,
+                }),
+            }),
+        }
+    }
+
+    /// The transaction's id: globally unique, stable across processes.
+    pub fn id(&self) -> TxId {
+        self.inner.id
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.inner.state.lock().status
+    }
+
+    /// The `tracing` span of this transaction (carries its id); adapters may
+    /// enter it for work they do on the transaction's behalf.
+    pub fn span(&self) -> &tracing::Span {
+        &self.inner.span
+    }
+
+    /// Joins a resource to this transaction. Joining the same `Arc` again is a
+    /// no-op.
+    ///
+    /// Allowed while `Active` or `Doomed` (and from before-commit hooks);
+    /// [`Error::CommitFailed`] after a failed commit, [`Error::Closed`] while
+    /// committing or once finished.
+    pub fn join(&self, dm: Arc<dyn DataManager>) -> Result<()> {
+        let mut st = self.inner.state.lock();
+        match st.status {
+            Status::Active | Status::Doomed => {}
+            Status::CommitFailed => return Err(Error::CommitFailed),
+            Status::Committing | Status::Committed | Status::Aborted => return Err(Error::Closed),
+        }
+        if st.resources.iter().any(|r| same_resource(r, &dm)) {
+            return Ok(());
+        }
+        trace!(parent: &self.inner.span, resource = dm.sort_key(), "join");
+        st.resources.push(dm);
+        Ok(())
+    }
+
+    /// Whether this very `Arc` is joined.
+    pub fn is_joined(&self, dm: &Arc<dyn DataManager>) -> bool {
+        self.inner
+            .state
+            .lock()
+            .resources
+            .iter()
+            .any(|r| same_resource(r, dm))
+    }
+
+    /// The sort keys of the joined resources, in join order.
+    pub fn resource_names(&self) -> Vec<String> {
+        self.inner
+            .state
+            .lock()
+            .resources
+            .iter()
+            .map(|r| r.sort_key().to_owned())
+            .collect()
+    }
+
+    pub(crate) fn resources(&self) -> Vec<Arc<dyn DataManager>> {
+        self.inner.state.lock().resources.clone()
+    }
+
+    /// Dooms the transaction: it can no longer commit ([`Error::Doomed`]),
+    /// only abort. Idempotent. [`Error::Closed`] once finished or committing,
+    /// [`Error::CommitFailed`] after a failed commit.
+    pub fn doom(&self) -> Result<()> {
+        let mut st = self.inner.state.lock();
+        match st.status {
+            Status::Active | Status::Doomed => {
+                st.status = Status::Doomed;
+                Ok(())
+            }
+            Status::CommitFailed => Err(Error::CommitFailed),
+            Status::Committing | Status::Committed | Status::Aborted => Err(Error::Closed),
+        }
+    }
+
+    /// Whether the transaction is doomed.
+    pub fn is_doomed(&self) -> bool {
+        self.status() == Status::Doomed
+    }
+
+    /// Appends a line to the description (trimmed; empty text is ignored).
+    pub fn note(&self, text: &str) {
+        let text = text.trim();
+        if text.is_empty() {
+            return;
+        }
+        let mut st = self.inner.state.lock();
+        if !st.description.is_empty() {
+            st.description.push('\n');
+        }
+        st.description.push_str(text);
+    }
+
+    /// The notes, newline-separated.
+    pub fn description(&self) -> String {
+        self.inner.state.lock().description.clone()
+    }
+
+    /// Records who runs the transaction.
+    pub fn set_user(&self, user: &str) {
+        self.inner.state.lock().user = user.to_owned();
+    }
+
+    /// The user set with [`set_user`](Self::set_user) (empty if none).
+    pub fn user(&self) -> String {
+        self.inner.state.lock().user.clone()
+    }
+
+    /// Sets an extension (free-form metadata); the last value wins.
+    pub fn set_extension(&self, key: &str, value: &str) {
+        self.inner
+            .state
+            .lock()
+            .extension
+            .insert(key.to_owned(), value.to_owned());
+    }
+
+    /// An extension's value.
+    pub fn extension(&self, key: &str) -> Option<String> {
+        self.inner.state.lock().extension.get(key).cloned()
+    }
+
+    /// All extensions, sorted by key.
+    pub fn extensions(&self) -> BTreeMap<String, String> {
+        self.inner.state.lock().extension.clone()
+    }
+
+    /// Stores a value on the transaction, one per type (a second value of the
+    /// same type replaces the first).
+    pub fn set_data<T: Any + Send + Sync>(&self, value: T) {
+        self.inner
+            .state
+            .lock()
+            .data
+            .insert(TypeId::of::<T>(), Arc::new(value));
+    }
+
+    /// The value of type `T` stored with [`set_data`](Self::set_data).
+    pub fn data<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let value = self
+            .inner
+            .state
+            .lock()
+            .data
+            .get(&TypeId::of::<T>())?
+            .clone();
+        value.downcast::<T>().ok()
+    }
+
+    /// Adds a hook run at the start of `commit`, in the order added. A hook
+    /// may join resources and add hooks (they run too). An error (or panic)
+    /// fails the commit.
+    pub fn add_before_commit_hook(
+        &self,
+        f: impl FnOnce(&Transaction) -> Result<()> + Send + 'static,
+    ) {
+        self.inner.state.lock().before_commit.push_back(Box::new(f));
+    }
+
+    /// Adds a hook run after a commit attempt with `true` on success and
+    /// `false` on failure. A panic is logged; the other hooks still run.
+    pub fn add_after_commit_hook(&self, f: impl FnOnce(bool, &Transaction) + Send + 'static) {
+        self.inner.state.lock().after_commit.push_back(Box::new(f));
+    }
+
+    /// Adds a hook run by `abort()` before the resources are aborted.
+    pub fn add_before_abort_hook(&self, f: impl FnOnce(&Transaction) + Send + 'static) {
+        self.inner.state.lock().before_abort.push_back(Box::new(f));
+    }
+
+    /// Adds a hook run by `abort()` after the resources are aborted.
+    pub fn add_after_abort_hook(&self, f: impl FnOnce(&Transaction) + Send + 'static) {
+        self.inner.state.lock().after_abort.push_back(Box::new(f));
+    }
+
+    /// Commits: see the crate documentation for the exact protocol.
+    ///
+    /// Errors: [`Error::Doomed`] (abort it), [`Error::CommitFailed`] (an earlier
+    /// commit failed: abort it), [`Error::Closed`] (already finished); the
+    /// first failure of a resource or a hook before the decision (the
+    /// transaction is then `CommitFailed` and every resource has been ended);
+    /// [`Error::Heuristic`] after the decision.
+    pub fn commit(&self) -> Result<()> {
+        let _entered = self.inner.span.enter();
+        {
+            let mut st = self.inner.state.lock();
+            match st.status {
+                Status::Active => {}
+                Status::Doomed => return Err(Error::Doomed),
+                Status::CommitFailed => return Err(Error::CommitFailed),
+                Status::Committing | Status::Committed | Status::Aborted => {
+                    return Err(Error::Closed)
+                }
+            }
+            st.savepoints.clear();
+        }
+
+        // Before-commit hooks, FIFO; hooks added meanwhile run too.
+        loop {
+            let hook = self.inner.state.lock().before_commit.pop_front();
+            let Some(hook) = hook else { break };
+            match catch_unwind(AssertUnwindSafe(|| hook(self))) {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(self.fail_before_protocol(err)),
+                Err(payload) => {
+                    let err = Error::Panicked {
+                        resource: "before-commit hook".to_owned(),
+                        phase: Phase::Commit,
+                        message: panic_message(&*payload),
+                    };
+                    let _ = self.fail_before_protocol(err);
+                    if let Err(err) = self.abort() {
+                        error!(error = %err, "abort after a panicking before-commit hook failed");
+                    }
+                    resume_unwind(payload);
+                }
+            }
+        }
+
+        self.synchs_before_completion();
+
+        let mut resources = {
+            let mut st = self.inner.state.lock();
+            if st.status != Status::Active {
+                // A hook or synchronizer doomed (or otherwise ended) it.
+                let status = st.status;
+                drop(st);
+                let err = match status {
+                    Status::Doomed => Error::Doomed,
+                    Status::CommitFailed => Error::CommitFailed,
+                    _ => Error::Closed,
+                };
+                self.synchs_after_completion();
+                return Err(err);
+            }
+            st.status = Status::Committing;
+            std::mem::take(&mut st.resources)
+        };
+        // Stable: ties keep join order.
+        resources.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));
+
+        let outcome = self.run_protocol(&resources);
+        self.inner.state.lock().resources = resources;
+        match outcome {
+            Ok(()) => {
+                self.finish_status(Status::Committed);
+                debug!("committed");
+                self.run_after_commit_hooks(true);
+                self.synchs_after_completion();
+                self.inner.shared.forget(self);
+                Ok(())
+            }
+            Err(err) => {
+                {
+                    let mut st = self.inner.state.lock();
+                    st.status = Status::CommitFailed;
+                    st.resources_ended = true;
+                }
+                debug!(error = %err, "commit failed");
+                self.run_after_commit_hooks(false);
+                self.synchs_after_completion();
+                Err(err)
+            }
+        }
+    }
+
+    /// A failure before any resource's `tpc_begin`: every resource gets `abort`.
+    fn fail_before_protocol(&self, err: Error) -> Error {
+        let resources = {
+            let mut st = self.inner.state.lock();
+            st.status = Status::CommitFailed;
+            st.resources_ended = true;
+            st.resources.clone()
+        };
+        for dm in &resources {
+            if let Err(cleanup) = call(dm, Phase::Abort, || dm.abort(self)) {
+                error!(resource = dm.sort_key(), error = %cleanup, "abort after a failed commit failed");
+            }
+        }
+        debug!(error = %err, "commit failed before two-phase commit");
+        self.run_after_commit_hooks(false);
+        err
+    }
+
+    /// The protocol proper, on resources already sorted. Returns `Ok` only if
+    /// every resource committed.
+    fn run_protocol(&self, resources: &[Arc<dyn DataManager>]) -> Result<()> {
+        match resources {
+            [] => return Ok(()),
+            [only] => return call(only, Phase::CommitOnePhase, || only.commit_one_phase(self)),
+            _ => {}
+        }
+
+        for (i, dm) in resources.iter().enumerate() {
+            if let Err(err) = call(dm, Phase::TpcBegin, || dm.tpc_begin(self)) {
+                // Its own tpc_begin ran (and may have half-begun): tpc_abort.
+                return Err(self.abort_before_decision(resources, i + 1, err));
+            }
+        }
+        for dm in resources {
+            if let Err(err) = call(dm, Phase::Commit, || dm.commit(self)) {
+                return Err(self.abort_before_decision(resources, resources.len(), err));
+            }
+        }
+        for dm in resources.iter().filter(|dm| dm.can_prepare()) {
+            if let Err(err) = call(dm, Phase::TpcVote, || dm.tpc_vote(self)) {
+                return Err(self.abort_before_decision(resources, resources.len(), err));
+            }
+        }
+
+        // The decision. With a one-phase (last) resource, it is that
+        // resource's own commit; a configured log records it just before, so
+        // that a log kept inside that resource commits with it.
+        let log = self.inner.shared.decision_log.clone();
+        let logged = match &log {
+            Some(log) if resources.iter().any(|dm| dm.can_prepare()) => {
+                let decision = self.decision(resources);
+                if let Err(err) = log.record_commit(&decision) {
+                    return Err(self.abort_before_decision(resources, resources.len(), err));
+                }
+                true
+            }
+            _ => false,
+        };
+
+        let mut committed: Vec<String> = Vec::new();
+        let mut failed: Vec<String> = Vec::new();
+        for dm in resources.iter().filter(|dm| !dm.can_prepare()) {
+            let result = call(dm, Phase::TpcVote, || dm.tpc_vote(self))
+                .and_then(|()| call(dm, Phase::TpcFinish, || dm.tpc_finish(self)));
+            match result {
+                Ok(()) => committed.push(dm.sort_key().to_owned()),
+                Err(err) if committed.is_empty() => {
+                    // The first last resource refused: nothing is decided yet.
+                    if logged {
+                        if let Some(log) = &log {
+                            if let Err(forget) = log.forget(&self.inner.id) {
+                                error!(error = %forget, "could not withdraw the commit decision after the last resource failed");
+                            }
+                        }
+                    }
+                    return Err(self.abort_before_decision(resources, resources.len(), err));
+                }
+                Err(err) => {
+                    error!(resource = dm.sort_key(), error = %err, "a second one-phase resource failed after the first committed");
+                    if let Err(cleanup) = call(dm, Phase::TpcAbort, || dm.tpc_abort(self)) {
+                        error!(resource = dm.sort_key(), error = %cleanup, "tpc_abort failed");
+                    }
+                    failed.push(dm.sort_key().to_owned());
+                }
+            }
+        }
+
+        for dm in resources.iter().filter(|dm| dm.can_prepare()) {
+            match call(dm, Phase::TpcFinish, || dm.tpc_finish(self)) {
+                Ok(()) => committed.push(dm.sort_key().to_owned()),
+                Err(err) => {
+                    error!(resource = dm.sort_key(), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recover()");
+                    failed.push(dm.sort_key().to_owned());
+                }
+            }
+        }
+
+        if failed.is_empty() {
+            if logged {
+                if let Some(log) = &log {
+                    // Losing this record only makes recovery finish an already
+                    // finished transaction again, which is idempotent.
+                    if let Err(err) = log.forget(&self.inner.id) {
+                        warn!(error = %err, "could not forget a completed decision");
+                    }
+                }
+            }
+            Ok(())
+        } else {
+            error!(
+                ?committed,
+                ?failed,
+                "heuristic outcome: the transaction committed only in part"
+            );
+            Err(Error::Heuristic { committed, failed })
+        }
+    }
+
+    fn decision(&self, resources: &[Arc<dyn DataManager>]) -> Decision {
+        let st = self.inner.state.lock();
+        let participants = resources.iter().filter_map(|dm| dm.recovery_id()).collect();
+        let mut metadata = st.extension.clone();
+        if !st.user.is_empty() {
+            metadata.insert("user".to_owned(), st.user.clone());
+        }
+        if !st.description.is_empty() {
+            metadata.insert("description".to_owned(), st.description.clone());
+        }
+        Decision::new(self.inner.id, participants, metadata)
+    }
+
+    /// Ends every resource after a failure before the decision: `tpc_abort`
+    /// for the first `begun` (their `tpc_begin` ran), `abort` for the rest.
+    fn abort_before_decision(
+        &self,
+        resources: &[Arc<dyn DataManager>],
+        begun: usize,
+        err: Error,
+    ) -> Error {
+        for (i, dm) in resources.iter().enumerate() {
+            let cleanup = if i < begun {
+                call(dm, Phase::TpcAbort, || dm.tpc_abort(self))
+            } else {
+                call(dm, Phase::Abort, || dm.abort(self))
+            };
+            if let Err(cleanup) = cleanup {
+                error!(resource = dm.sort_key(), error = %cleanup, "cleanup after a failed commit failed");
+            }
+        }
+        err
+    }
+
+    /// Aborts: before-abort hooks, `abort` on every resource that has not
+    /// had its ending, after-abort hooks. The first resource error is
+    /// returned after everything ran.
+    ///
+    /// [`Error::Closed`] (and no resource is called) if the transaction is
+    /// already committed or aborted.
+    pub fn abort(&self) -> Result<()> {
+        let _entered = self.inner.span.enter();
+        {
+            let st = self.inner.state.lock();
+            match st.status {
+                Status::Active | Status::Doomed | Status::CommitFailed => {}
+                Status::Committing | Status::Committed | Status::Aborted => {
+                    return Err(Error::Closed)
+                }
+            }
+        }
+        self.synchs_before_completion();
+        self.run_abort_hooks(true);
+        let resources = {
+            let mut st = self.inner.state.lock();
+            st.savepoints.clear();
+            if st.resources_ended {
+                Vec::new()
+            } else {
+                st.resources_ended = true;
+                st.resources.clone()
+            }
+        };
+        let mut first: Option<Error> = None;
+        for dm in &resources {
+            if let Err(err) = call(dm, Phase::Abort, || dm.abort(self)) {
+                error!(resource = dm.sort_key(), error = %err, "abort failed");
+                first.get_or_insert(err);
+            }
+        }
+        self.run_abort_hooks(false);
+        self.finish_status(Status::Aborted);
+        debug!("aborted");
+        self.synchs_after_completion();
+        self.inner.shared.forget(self);
+        match first {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    fn finish_status(&self, status: Status) {
+        let mut st = self.inner.state.lock();
+        st.status = status;
+        st.savepoints.clear();
+        st.before_commit.clear();
+        if status == Status::Committed {
+            st.before_abort.clear();
+            st.after_abort.clear();
+        }
+        st.data.clear();
+    }
+
+    fn run_after_commit_hooks(&self, ok: bool) {
+        loop {
+            let hook = self.inner.state.lock().after_commit.pop_front();
+            let Some(hook) = hook else { break };
+            run_guarded("after-commit", || hook(ok, self));
+        }
+    }
+
+    fn run_abort_hooks(&self, before: bool) {
+        loop {
+            let hook = {
+                let mut st = self.inner.state.lock();
+                if before {
+                    st.before_abort.pop_front()
+                } else {
+                    st.after_abort.pop_front()
+                }
+            };
+            let Some(hook) = hook else { break };
+            run_guarded(
+                if before {
+                    "before-abort"
+                } else {
+                    "after-abort"
+                },
+                || hook(self),
+            );
+        }
+    }
+
+    fn synchs_before_completion(&self) {
+        for s in self.inner.shared.synchs().iter() {
+            run_guarded("synchronizer", || s.before_completion(self));
+        }
+    }
+
+    fn synchs_after_completion(&self) {
+        for s in self.inner.shared.synchs().iter() {
+            run_guarded("synchronizer", || s.after_completion(self));
+        }
+    }
+
+    /// Takes a savepoint: every joined resource must support savepoints
+    /// ([`Error::SavepointNotSupported`] otherwise).
+    ///
+    /// ```
+    /// use tm_core::{MemoryStore, TransactionManager};
+    /// let tm = TransactionManager::explicit();
+    /// let store = MemoryStore::<i64>::new();
+    /// let txn = tm.begin()?;
+    /// let h = store.join(&txn)?;
+    /// h.put("a", 1);
+    /// let sp = txn.savepoint()?;
+    /// h.put("a", 2);
+    /// sp.rollback()?;
+    /// assert_eq!(h.get("a")?, Some(1));
+    /// # Ok::<(), tm_core::Error>(())
+    /// ```
+    pub fn savepoint(&self) -> Result<Savepoint> {
+        self.make_savepoint(false)
+    }
+
+    /// Takes a savepoint even if some resource cannot: rolling back to it then
+    /// fails ([`Error::SavepointNotSupported`]) instead of taking it.
+    pub fn savepoint_optimistic(&self) -> Result<Savepoint> {
+        self.make_savepoint(true)
+    }
+
+    fn make_savepoint(&self, optimistic: bool) -> Result<Savepoint> {
+        let resources = {
+            let st = self.inner.state.lock();
+            match st.status {
+                Status::Active | Status::Doomed => {}
+                Status::CommitFailed => return Err(Error::CommitFailed),
+                Status::Committing | Status::Committed | Status::Aborted => {
+                    return Err(Error::Closed)
+                }
+            }
+            st.resources.clone()
+        };
+        let mut entries: Vec<(Arc<dyn DataManager>, Option<Box<dyn ResourceSavepoint>>)> =
+            Vec::with_capacity(resources.len());
+        for dm in &resources {
+            let mut taken = None;
+            let result = call(dm, Phase::Savepoint, || {
+                taken = Some(dm.savepoint(self)?);
+                Ok(())
+            });
+            match result {
+                Ok(()) => entries.push((dm.clone(), taken)),
+                Err(Error::SavepointNotSupported { .. }) if optimistic => {
+                    entries.push((dm.clone(), None))
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        let mut st = self.inner.state.lock();
+        let id = st.next_savepoint;
+        st.next_savepoint += 1;
+        st.savepoints.push(id);
+        Ok(Savepoint::new(self.clone(), id, entries, resources.len()))
+    }
+
+    pub(crate) fn savepoint_is_valid(&self, id: u64) -> bool {
+        let st = self.inner.state.lock();
+        matches!(st.status, Status::Active | Status::Doomed) && st.savepoints.contains(&id)
+    }
+
+    /// Rolls back to savepoint `id`; see [`Savepoint::rollback`].
+    pub(crate) fn rollback_savepoint(
+        &self,
+        id: u64,
+        entries: &[(Arc<dyn DataManager>, Option<Box<dyn ResourceSavepoint>>)],
+        joined_before: usize,
+    ) -> Result<()> {
+        let _entered = self.inner.span.enter();
+        let joined_after = {
+            let mut st = self.inner.state.lock();
+            match st.status {
+                Status::Active | Status::Doomed => {}
+                Status::CommitFailed => return Err(Error::CommitFailed),
+                _ => return Err(Error::InvalidSavepoint),
+            }
+            let Some(pos) = st.savepoints.iter().position(|&s| s == id) else {
+                return Err(Error::InvalidSavepoint);
+            };
+            st.savepoints.truncate(pos + 1);
+            let keep = joined_before.min(st.resources.len());
+            st.resources.split_off(keep)
+        };
+        let mut first: Option<Error> = None;
+        // Resources joined after the savepoint leave the transaction.
+        for dm in &joined_after {
+            if let Err(err) = call(dm, Phase::Abort, || dm.abort(self)) {
+                first.get_or_insert(err);
+            }
+        }
+        for (dm, sp) in entries {
+            let result = match sp {
+                Some(sp) => call(dm, Phase::Rollback, || sp.rollback()),
+                None => Err(Error::SavepointNotSupported {
+                    resource: dm.sort_key().to_owned(),
+                }),
+            };
+            if let Err(err) = result {
+                first.get_or_insert(err);
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(err) => {
+                error!(error = %err, "savepoint rollback failed; the transaction can only be aborted");
+                self.inner.state.lock().status = Status::CommitFailed;
+                Err(err)
+            }
+        }
+    }
+}
+
+fn same_resource(a: &Arc<dyn DataManager>, b: &Arc<dyn DataManager>) -> bool {
+    // Compare data pointers only: the same object may come with different
+    // vtable pointers from different codegen units.
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}

@@ -1,0 +1,1 @@
+//! tm-redis (in progress)

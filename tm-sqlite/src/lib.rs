@@ -1,0 +1,1 @@
+//! tm-sqlite (in progress)
