@@ -1,0 +1,232 @@
+//! The one error type of tm-sqlite.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::ErrorCode;
+use tm_core::Phase;
+
+/// `Result` with [`Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What tm-sqlite reports. Every variant names the database path and the
+/// phase; SQLite's own failures keep the [`rusqlite::Error`] as their source
+/// and show SQLite's extended result code.
+///
+/// Inside a transaction it reaches callers wrapped in
+/// [`tm_core::Error::Resource`] (resource `sqlite:<path>`), so
+/// `err.source()` downcasts to this type.
+///
+/// ```
+/// use tm_sqlite::{Database, Error};
+/// let dir = tempfile::tempdir()?;
+/// let err = Database::open(dir.path().join("missing-dir").join("app.db")).unwrap_err();
+/// assert_eq!(err.phase(), tm_core::Phase::Open);
+/// assert_eq!(err.sqlite_error_code(), Some(rusqlite::ErrorCode::CannotOpen));
+/// assert!(err.to_string().contains("missing-dir"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// SQLite refused an operation.
+    #[error("sqlite:{} at {phase}: {source}{}", .path.display(), code_suffix(.source))]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What tm-sqlite was doing.
+        phase: Phase,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The SQLite transaction was ended behind tm's back: `COMMIT`,
+    /// `ROLLBACK` or `BEGIN` run by hand on the joined connection (or SQLite
+    /// rolled it back itself after an I/O or memory error). tm refuses to
+    /// commit: what the connection holds is no longer this transaction.
+    #[error(
+        "sqlite:{} at {phase}: the SQLite transaction was ended outside tm \
+         (COMMIT, ROLLBACK or BEGIN run by hand on the joined connection, or SQLite rolled it back after an error); \
+         nothing more is committed: let tm begin and end transactions",
+        .path.display()
+    )]
+    EndedOutsideTm {
+        /// The database file.
+        path: PathBuf,
+        /// Where it was found out (the vote).
+        phase: Phase,
+    },
+    /// The joined connection was used after its transaction ended (a
+    /// [`Conn`](crate::Conn) kept across commit or abort).
+    #[error(
+        "sqlite:{} at {phase}: the connection's transaction has ended; \
+         do not keep the guard across commit or abort: join the next transaction instead",
+        .path.display()
+    )]
+    TransactionEnded {
+        /// The database file.
+        path: PathBuf,
+        /// What was attempted.
+        phase: Phase,
+    },
+}
+
+fn code_suffix(err: &rusqlite::Error) -> String {
+    match err.sqlite_error() {
+        Some(e) => format!(" (SQLite {:?}, extended code {})", e.code, e.extended_code),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    pub(crate) fn sqlite(path: &Path, phase: Phase, source: rusqlite::Error) -> Self {
+        Error::Sqlite {
+            path: path.to_path_buf(),
+            phase,
+            source,
+        }
+    }
+
+    /// The database file.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("nope").join("x.db");
+    /// let err = tm_sqlite::Database::open(&path).unwrap_err();
+    /// assert_eq!(err.path(), path.as_path());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn path(&self) -> &Path {
+        match self {
+            Error::Sqlite { path, .. }
+            | Error::EndedOutsideTm { path, .. }
+            | Error::TransactionEnded { path, .. } => path,
+        }
+    }
+
+    /// The phase in which it happened ([`Phase::Open`], [`Phase::Work`] for
+    /// `BEGIN`, [`Phase::TpcVote`] / [`Phase::CommitOnePhase`] for `COMMIT`, ...).
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let err = tm_sqlite::Database::open(dir.path().join("nope").join("x.db")).unwrap_err();
+    /// assert_eq!(err.phase(), tm_core::Phase::Open);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn phase(&self) -> Phase {
+        match self {
+            Error::Sqlite { phase, .. }
+            | Error::EndedOutsideTm { phase, .. }
+            | Error::TransactionEnded { phase, .. } => *phase,
+        }
+    }
+
+    /// SQLite's primary result code, when SQLite reported one.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let err = tm_sqlite::Database::open(dir.path().join("nope").join("x.db")).unwrap_err();
+    /// assert_eq!(err.sqlite_error_code(), Some(rusqlite::ErrorCode::CannotOpen));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn sqlite_error_code(&self) -> Option<ErrorCode> {
+        self.rusqlite_error()?.sqlite_error_code()
+    }
+
+    /// SQLite's extended result code (e.g. 517, `SQLITE_BUSY_SNAPSHOT`;
+    /// 2067, `SQLITE_CONSTRAINT_UNIQUE`), when SQLite reported one.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let err = tm_sqlite::Database::open(dir.path().join("nope").join("x.db")).unwrap_err();
+    /// assert_eq!(err.extended_code(), Some(14)); // SQLITE_CANTOPEN
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn extended_code(&self) -> Option<i32> {
+        Some(self.rusqlite_error()?.sqlite_error()?.extended_code)
+    }
+
+    /// The underlying rusqlite error, if SQLite refused something.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let err = tm_sqlite::Database::open(dir.path().join("nope").join("x.db")).unwrap_err();
+    /// assert!(err.rusqlite_error().is_some());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn rusqlite_error(&self) -> Option<&rusqlite::Error> {
+        match self {
+            Error::Sqlite { source, .. } => Some(source),
+            Error::EndedOutsideTm { .. } | Error::TransactionEnded { .. } => None,
+        }
+    }
+
+    /// `true` for `SQLITE_BUSY` (including `BUSY_SNAPSHOT`) and
+    /// `SQLITE_LOCKED`: another connection was in the way, and the whole
+    /// transaction is worth retrying.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let err = tm_sqlite::Database::open(dir.path().join("nope").join("x.db")).unwrap_err();
+    /// assert!(!err.is_retryable());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn is_retryable(&self) -> bool {
+        self.rusqlite_error().is_some_and(is_busy_or_locked)
+    }
+
+    /// `true` for a constraint violation (`UNIQUE`, `NOT NULL`, `CHECK`,
+    /// foreign key...): not retryable.
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let err = tm_sqlite::Database::open(dir.path().join("nope").join("x.db")).unwrap_err();
+    /// assert!(!err.is_constraint_violation());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn is_constraint_violation(&self) -> bool {
+        self.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+    }
+}
+
+fn is_busy_or_locked(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Whether `err`, or any error in its `source()` chain, is an SQLite
+/// failure worth retrying the transaction for: `SQLITE_BUSY` (including
+/// `BUSY_SNAPSHOT`, `BUSY_RECOVERY`) or `SQLITE_LOCKED`. It looks for a
+/// [`rusqlite::Error`] or a tm-sqlite [`Error`], however the caller wrapped
+/// them (a boxed error, `anyhow`, an application enum with `#[source]`).
+///
+/// This is what [`Database`](crate::Database)'s resources answer to
+/// [`DataManager::should_retry`](tm_core::DataManager::should_retry).
+///
+/// ```
+/// use rusqlite::ffi;
+/// let busy = rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_BUSY), None);
+/// let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(busy);
+/// assert!(tm_sqlite::is_retryable(&*boxed));
+///
+/// let syntax = rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_ERROR), None);
+/// assert!(!tm_sqlite::is_retryable(&syntax));
+/// ```
+pub fn is_retryable(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut link = Some(err);
+    while let Some(e) = link {
+        if let Some(e) = e.downcast_ref::<rusqlite::Error>() {
+            if is_busy_or_locked(e) {
+                return true;
+            }
+        }
+        if let Some(e) = e.downcast_ref::<Error>() {
+            if e.is_retryable() {
+                return true;
+            }
+        }
+        link = e.source();
+    }
+    false
+}
