@@ -1,0 +1,71 @@
+//! Shared helpers of the tm-sqlite integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use tm_core::{Backoff, TransactionManager};
+use tm_sqlite::{Database, Options};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub const SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS item (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+     CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+     INSERT OR IGNORE INTO counter VALUES (1, 0);";
+
+/// A database file in `dir` with the test schema.
+pub fn open(dir: &Path) -> Database {
+    open_with(dir, Options::default())
+}
+
+pub fn open_with(dir: &Path, options: Options) -> Database {
+    let db = Database::open_with(db_path(dir), options).expect("open test database");
+    db.with_connection(|c| c.execute_batch(SCHEMA))
+        .expect("create the test schema");
+    db
+}
+
+pub fn db_path(dir: &Path) -> PathBuf {
+    dir.join("test.db")
+}
+
+/// An explicit manager without backoff pauses.
+pub fn manager() -> TransactionManager {
+    TransactionManager::builder()
+        .explicit(true)
+        .backoff(Backoff::None)
+        .build()
+}
+
+/// Reads through a second, independent connection (not the pool's).
+pub fn independent(path: &Path) -> rusqlite::Connection {
+    rusqlite::Connection::open(path).expect("independent connection")
+}
+
+pub fn item_names(path: &Path) -> Vec<String> {
+    let conn = independent(path);
+    let mut stmt = conn.prepare("SELECT name FROM item ORDER BY id").unwrap();
+    let names = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<Vec<String>>>()
+        .unwrap();
+    names
+}
+
+pub fn counter(path: &Path) -> i64 {
+    independent(path)
+        .query_row("SELECT n FROM counter WHERE id = 1", [], |r| r.get(0))
+        .unwrap()
+}
+
+pub fn insert(conn: &rusqlite::Connection, name: &str) -> rusqlite::Result<()> {
+    conn.execute("INSERT INTO item (name) VALUES (?1)", [name])
+        .map(|_| ())
+}
+
+/// Every idle connection of the pool is outside any transaction.
+pub fn pool_is_clean(db: &Database) -> bool {
+    let idle = db.idle_connections();
+    (0..idle.max(1)).all(|_| db.with_connection(|c| Ok(c.is_autocommit())).unwrap())
+}
