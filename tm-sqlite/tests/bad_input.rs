@@ -1,0 +1,260 @@
+//! Bad input and misuse: each is a clear error naming the database, the
+//! phase and SQLite's code, and leaves the pool clean.
+
+mod support;
+
+use std::error::Error as _;
+
+use support::{insert, item_names, manager, open, pool_is_clean, BoxError};
+use tm_core::{Error, Phase};
+
+/// The tm-sqlite error inside a tm error.
+fn sqlite_error(err: &Error) -> &tm_sqlite::Error {
+    err.source()
+        .and_then(|s| s.downcast_ref::<tm_sqlite::Error>())
+        .unwrap_or_else(|| panic!("not a tm-sqlite error: {err:?}"))
+}
+
+#[test]
+fn a_path_in_a_missing_directory_fails_at_open_naming_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-dir").join("app.db");
+    let err = tm_sqlite::Database::open(&path).unwrap_err();
+    assert_eq!(err.path(), path.as_path());
+    assert_eq!(err.phase(), Phase::Open);
+    assert_eq!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::CannotOpen)
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("no-such-dir") && text.contains("open"),
+        "{text}"
+    );
+    assert!(!err.is_retryable());
+}
+
+#[test]
+fn a_file_that_is_not_a_database_fails_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, vec![b'x'; 4096]).unwrap();
+    let err = tm_sqlite::Database::open(&path).unwrap_err();
+    assert_eq!(
+        err.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase)
+    );
+    assert_eq!(err.extended_code(), Some(26));
+    assert!(err.to_string().contains("notes.txt"), "{err}");
+}
+
+#[test]
+fn a_sql_syntax_error_is_not_retried_and_rolls_the_transaction_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let tm = manager();
+    let mut attempts = 0;
+    let err = tm
+        .run(|txn| {
+            attempts += 1;
+            let conn = db.join(txn)?;
+            insert(&conn, "before the typo")?;
+            conn.execute("INSRT INTO item (name) VALUES ('x')", [])?;
+            Ok::<_, BoxError>(())
+        })
+        .unwrap_err();
+    assert_eq!(attempts, 1);
+    let sqlite = err
+        .downcast_ref::<rusqlite::Error>()
+        .expect("the rusqlite error, unchanged");
+    assert!(!tm_sqlite::is_retryable(sqlite));
+    assert!(err.to_string().contains("syntax error"), "{err}");
+    assert!(item_names(db.path()).is_empty());
+    assert!(pool_is_clean(&db));
+}
+
+#[test]
+fn a_constraint_violation_is_not_retried_and_is_reported_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let tm = manager();
+    tm.run(|txn| Ok::<_, BoxError>(insert(&*db.join(txn)?, "dup")?))
+        .unwrap();
+    let mut attempts = 0;
+    let err = tm
+        .run(|txn| {
+            attempts += 1;
+            let conn = db.join(txn)?;
+            insert(&conn, "new")?;
+            insert(&conn, "dup")?;
+            Ok::<_, BoxError>(())
+        })
+        .unwrap_err();
+    assert_eq!(attempts, 1);
+    assert!(!tm.is_retryable(&*err));
+    let sqlite = err.downcast_ref::<rusqlite::Error>().unwrap();
+    assert_eq!(
+        sqlite.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ConstraintViolation)
+    );
+    assert_eq!(item_names(db.path()), ["dup"]);
+}
+
+#[test]
+fn a_caught_constraint_violation_leaves_the_transaction_committable() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    let conn = db.join(&txn).unwrap();
+    insert(&conn, "a").unwrap();
+    assert!(insert(&conn, "a").is_err()); // statement rolled back, not the transaction
+    insert(&conn, "b").unwrap();
+    drop(conn);
+    txn.commit().unwrap();
+    assert_eq!(item_names(db.path()), ["a", "b"]);
+}
+
+#[test]
+fn a_deferred_constraint_failing_at_commit_names_the_phase_and_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = support::open_with(
+        dir.path(),
+        tm_sqlite::Options::default().setup_sql("PRAGMA foreign_keys = ON"),
+    );
+    db.with_connection(|c| {
+        c.execute_batch(
+            "CREATE TABLE child (id INTEGER PRIMARY KEY,
+                parent INTEGER REFERENCES item(id) DEFERRABLE INITIALLY DEFERRED)",
+        )
+    })
+    .unwrap();
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    db.join(&txn)
+        .unwrap()
+        .execute("INSERT INTO child (parent) VALUES (42)", [])
+        .unwrap();
+    let err = txn.commit().unwrap_err();
+    let sqlite = sqlite_error(&err);
+    assert_eq!(sqlite.phase(), Phase::CommitOnePhase);
+    assert!(sqlite.is_constraint_violation());
+    assert_eq!(sqlite.extended_code(), Some(787)); // SQLITE_CONSTRAINT_FOREIGNKEY
+    let text = err.to_string();
+    assert!(
+        text.contains("commit_one_phase") && text.contains("787") && text.contains("test.db"),
+        "{text}"
+    );
+    txn.abort().unwrap();
+    assert!(pool_is_clean(&db));
+}
+
+#[test]
+fn join_after_the_transaction_ended_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    insert(&db.join(&txn).unwrap(), "a").unwrap();
+    txn.commit().unwrap();
+    assert!(matches!(db.join(&txn), Err(Error::Closed)));
+}
+
+#[test]
+fn a_connection_used_after_its_transaction_ended_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    let kept = db.join(&txn).unwrap();
+    insert(&kept, "a").unwrap();
+    txn.commit().unwrap(); // the guard is kept across the commit
+    assert_eq!(item_names(db.path()), ["a"]);
+    assert!(!kept.is_active());
+    let err = kept.try_connection().unwrap_err();
+    assert!(matches!(err, tm_sqlite::Error::TransactionEnded { .. }));
+    assert!(err.to_string().contains("transaction has ended"), "{err}");
+    // Deref panics with the same message rather than run SQL outside any transaction.
+    let panic = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = kept.execute("INSERT INTO item (name) VALUES ('late')", []);
+    }))
+    .unwrap_err();
+    let message = panic.downcast_ref::<String>().unwrap();
+    assert!(message.contains("transaction has ended"), "{message}");
+    drop(kept);
+    assert_eq!(item_names(db.path()), ["a"]);
+    assert!(pool_is_clean(&db));
+}
+
+#[test]
+fn commit_run_by_hand_is_refused_at_the_vote() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    let conn = db.join(&txn).unwrap();
+    insert(&conn, "a").unwrap();
+    conn.execute_batch("COMMIT").unwrap();
+    drop(conn);
+    let err = txn.commit().unwrap_err();
+    let sqlite = sqlite_error(&err);
+    assert!(
+        matches!(sqlite, tm_sqlite::Error::EndedOutsideTm { .. }),
+        "{sqlite:?}"
+    );
+    assert!(err.to_string().contains("ended outside tm"), "{err}");
+    txn.abort().unwrap();
+    assert!(pool_is_clean(&db));
+}
+
+#[test]
+fn rollback_run_by_hand_is_refused_at_the_vote() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    let conn = db.join(&txn).unwrap();
+    insert(&conn, "a").unwrap();
+    conn.execute_batch("ROLLBACK").unwrap();
+    drop(conn);
+    let err = txn.commit().unwrap_err();
+    assert!(matches!(
+        sqlite_error(&err),
+        tm_sqlite::Error::EndedOutsideTm { .. }
+    ));
+    txn.abort().unwrap();
+    assert!(item_names(db.path()).is_empty());
+}
+
+#[test]
+fn commit_and_begin_run_by_hand_are_refused_at_the_vote_and_the_new_work_rolled_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    let conn = db.join(&txn).unwrap();
+    insert(&conn, "first").unwrap();
+    conn.execute_batch("COMMIT; BEGIN").unwrap();
+    insert(&conn, "second").unwrap();
+    drop(conn);
+    let err = txn.commit().unwrap_err();
+    assert!(matches!(
+        sqlite_error(&err),
+        tm_sqlite::Error::EndedOutsideTm { .. }
+    ));
+    txn.abort().unwrap();
+    // The hand-run COMMIT did commit "first"; tm committed nothing more.
+    assert_eq!(item_names(db.path()), ["first"]);
+    assert!(pool_is_clean(&db));
+}
+
+#[test]
+fn begin_by_hand_inside_a_joined_transaction_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    let err = db.join(&txn).unwrap().execute_batch("BEGIN").unwrap_err();
+    assert!(err.to_string().contains("within a transaction"), "{err}");
+    txn.abort().unwrap();
+}
