@@ -1,1 +1,96 @@
-//! tm-redis (in progress)
+//! # tm-redis: Redis as a durable, preparable tm resource
+//!
+//! Redis has no `PREPARE`; this crate gives it one, so that a transaction
+//! over Redis and SQLite (or two Redis servers) is atomic, serializable and
+//! survives crashes.
+//!
+//! ```
+//! use tm_core::TransactionManager;
+//! use tm_redis::{testing::TestServer, Store};
+//!
+//! let server = TestServer::start();
+//! let store = Store::open(&server.url())?;
+//! let tm = TransactionManager::new();
+//! tm.run(|txn| {
+//!     let r = store.join(txn)?;
+//!     let balance: i64 = r.get("alice")?.unwrap_or(0);
+//!     r.set("alice", balance + 10)?;
+//!     r.rpush("audit", "alice +10")?;
+//!     Ok::<_, tm_core::Error>(())
+//! })?;
+//! assert_eq!(store.get::<i64>("alice")?, Some(10));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## How a transaction runs
+//!
+//! * **Reads** go to the server on the transaction's own connection, with a
+//!   `WATCH` of their keys pipelined before them (one round trip).
+//! * **Writes** are buffered in the transaction ([`RedisHandle`]).
+//! * **One-phase commit** (Redis is the transaction's only resource): one
+//!   call of the function `tm_commit` — lock check, validation, writes —
+//!   inside `MULTI`/`EXEC` on the watching connection (alone when nothing was
+//!   read). One round trip. A changed read is [`Error::Conflict`].
+//! * **Vote** (two-phase commit): `MULTI`, `FCALL tm_prepare`, `EXEC` on the
+//!   watching connection. `tm_prepare` refuses at once (never waits) if
+//!   another transaction holds a write lock on a key read or written, or a
+//!   read lock on a key written; simulates the staged writes in order (types,
+//!   exact 64-bit `INCRBY` range) so they cannot fail later; then takes a
+//!   shared read lock on each key only read, an exclusive write lock on each
+//!   key written, and stores the write-set (cmsgpack, binary-safe) in the
+//!   transaction's record. With `appendonly yes` + `appendfsync always` the
+//!   reply means the prepare is on disk.
+//! * **Finish**: `FCALL tm_apply` (flag `allow-oom`, so it works at
+//!   `maxmemory`): replays the record, releases the locks, deletes the
+//!   record. Idempotent. A read-only participant is finished too: that
+//!   releases its read locks.
+//! * **Abort**: `FCALL tm_abort` (`allow-oom`): releases the locks and the
+//!   record of a prepare, and leaves a tombstone (for
+//!   [`Options::tombstone_ttl`]) so that a prepare of the same transaction
+//!   arriving late refuses.
+//!
+//! ## Keys tm stores
+//!
+//! All under [`Options::prefix`] (default `tm:`), with a hash tag first so a
+//! transaction's keys can share a slot when Redis Cluster support comes:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `<prefix>{<tag>}:lock:<key>` | string | the txid of the prepared writer of `<key>` |
+//! | `<prefix>{<tag>}:rlock:<key>` | set | the txids of prepared readers of `<key>` |
+//! | `<prefix>{<tag>}:prepared:<txid>` | hash | `t` txid, `k` key list, `w` write-set |
+//! | `<prefix>{<tag>}:aborted:<txid>` | string, TTL | tombstone of an abort |
+//!
+//! For a lock, `<tag>` is the data key's own hash tag (empty if it has
+//! none); for a record and a tombstone, the tag all the transaction's keys
+//! share (else empty). Locks and records have no TTL: only finish and abort
+//! remove them.
+//!
+//! ## Recovery
+//!
+//! [`Store`] is [`tm_core::Recoverable`]: `in_doubt` scans the prepared
+//! records, `commit_prepared` / `abort_prepared` are apply / abort, both
+//! idempotent. Limit: a command buffered with [`RedisHandle::queue`] cannot
+//! be simulated at the vote; if it fails when applied, the rest is applied
+//! and the finish fails with [`Error::PartialApply`] (a heuristic outcome).
+//!
+//! ## Durability
+//!
+//! [`Store::durability`] reports the server's `appendonly`, `appendfsync`
+//! and `maxmemory-policy`. A prepare is durable with AOF on, `appendfsync
+//! always`, and `noeviction` or a `volatile-*` policy; otherwise `open` warns
+//! once, or fails with [`Options::require_durable_prepare`].
+
+#![warn(missing_docs)]
+
+mod conn;
+mod error;
+mod options;
+mod store;
+pub mod testing;
+mod txn;
+
+pub use error::{Error, Result};
+pub use options::{Durability, Options};
+pub use store::Store;
+pub use txn::RedisHandle;

@@ -1,0 +1,326 @@
+#!lua name=tm
+
+-- tm: a durable PREPARE for Redis (see tm-redis/src/lib.rs, "Server-side
+-- functions"). Loaded with FUNCTION LOAD REPLACE when a Store opens.
+--
+-- Every key a function touches is passed in KEYS. A transaction's keys come
+-- as triples (data key, write-lock key, read-lock key), the keys it only read
+-- first (`nread` of them), then the keys it writes. prepare/apply/abort put
+-- the record and the tombstone key before the triples (base = 2); the
+-- one-phase commit has no record (base = 0).
+--
+-- A write lock is a string holding the writer's txid; read locks are a set of
+-- reader txids. Neither has a TTL: only apply and abort remove them.
+--
+-- The write-set is a flat list of strings:
+--   name, nkeys, key_1 .. key_nkeys (triple numbers), nargs, arg_1 .. arg_nargs
+-- where name is a Redis command applied as `name data_key args...`, or `*`
+-- for a queued command applied as `args...` verbatim. prepare stores it
+-- cmsgpack-packed (binary-safe) in the record.
+--
+-- Replies that refuse start with a code the client maps to its errors:
+--   TXCONFLICT <triple> <write|read> <holder>   a lock of another transaction
+--   TXINVALID <op> <message>                     the staged commands cannot run
+--   TXABORTED                                    the transaction was aborted
+--   TXPREPARED                                   a prepare arrived twice
+
+-- The KEYS of the running call (functions get them as an argument).
+local K = {}
+
+local function data_key(base, j) return K[base + 3 * j - 2] end
+local function wlock_key(base, j) return K[base + 3 * j - 1] end
+local function rlock_key(base, j) return K[base + 3 * j] end
+local function triples(base) return (#K - base) / 3 end
+
+-- EXISTS over many keys, in chunks (Lua's unpack has a stack limit).
+local function count_existing(list)
+    local n = 0
+    local i = 1
+    while i <= #list do
+        local j = math.min(i + 999, #list)
+        n = n + redis.call('EXISTS', unpack(list, i, j))
+        i = j + 1
+    end
+    return n
+end
+
+-- Lock check: no other transaction may hold a write lock on a key read or
+-- written, nor a read lock on a key written. Refuses at once (never waits).
+local function check_locks(base, nread, txid)
+    local n = triples(base)
+    local probe = {}
+    for j = 1, n do
+        probe[#probe + 1] = wlock_key(base, j)
+        if j > nread then probe[#probe + 1] = rlock_key(base, j) end
+    end
+    if count_existing(probe) == 0 then return nil end
+    for j = 1, n do
+        local w = redis.call('GET', wlock_key(base, j))
+        if w and w ~= txid then return 'TXCONFLICT ' .. j .. ' write ' .. w end
+        if j > nread then
+            for _, r in ipairs(redis.call('SMEMBERS', rlock_key(base, j))) do
+                if r ~= txid then return 'TXCONFLICT ' .. j .. ' read ' .. r end
+            end
+        end
+    end
+    return nil
+end
+
+-- Exact 64-bit integer arithmetic on decimal strings (Lua numbers are
+-- doubles): a value is split into a high part and 9 low digits, each exact.
+local LIMIT_HI = 9223372036
+local LIMIT_LO_POS = 854775807
+local LIMIT_LO_NEG = 854775808
+local BILLION = 1000000000
+
+-- Parses like Redis's string2ll: optional '-', no '+', no leading zeros,
+-- no spaces, within the signed 64-bit range. Returns sign, hi, lo or nil.
+local function parse_int(s)
+    if s == '0' then return 1, 0, 0 end
+    local sign = 1
+    local d = s
+    if string.sub(s, 1, 1) == '-' then
+        sign = -1
+        d = string.sub(s, 2)
+    end
+    local len = #d
+    if len == 0 or len > 19 or not string.find(d, '^[1-9]%d*$') then return nil end
+    local hi = 0
+    if len > 9 then hi = tonumber(string.sub(d, 1, len - 9)) end
+    local lo = tonumber(string.sub(d, math.max(1, len - 8)))
+    if hi > LIMIT_HI then return nil end
+    if hi == LIMIT_HI and lo > (sign > 0 and LIMIT_LO_POS or LIMIT_LO_NEG) then return nil end
+    return sign, hi, lo
+end
+
+-- a + b for two integer strings; nil, reason when either is not an integer
+-- or the sum leaves the signed 64-bit range (as INCRBY would refuse).
+local function add_int(a, b)
+    local sa, ha, la = parse_int(a)
+    if not sa then return nil, 'value is not an integer or out of range' end
+    local sb, hb, lb = parse_int(b)
+    if not sb then return nil, 'value is not an integer or out of range' end
+    local h = sa * ha + sb * hb
+    local l = sa * la + sb * lb
+    local carry = math.floor(l / BILLION)
+    l = l - carry * BILLION
+    h = h + carry
+    local neg = false
+    if h < 0 then
+        neg = true
+        if l > 0 then
+            h = -h - 1
+            l = BILLION - l
+        else
+            h = -h
+        end
+    end
+    if h > LIMIT_HI or (h == LIMIT_HI and l > (neg and LIMIT_LO_NEG or LIMIT_LO_POS)) then
+        return nil, 'increment or decrement would overflow'
+    end
+    local s
+    if h > 0 then
+        s = string.format('%.0f', h) .. string.format('%09.0f', l)
+    else
+        s = string.format('%.0f', l)
+    end
+    if neg and s ~= '0' then s = '-' .. s end
+    return s
+end
+
+local TYPE_OF = {
+    HSET = 'hash', HDEL = 'hash',
+    SADD = 'set', SREM = 'set',
+    LPUSH = 'list', RPUSH = 'list',
+    ZADD = 'zset', ZREM = 'zset',
+}
+local REMOVES = { HDEL = true, SREM = true, ZREM = true }
+
+-- Simulates the write-set in order against the current data, before anything
+-- is written: types (WRONGTYPE) and INCRBY's integer range. Keys touched by a
+-- queued command become 'any' (not simulated). Returns an error text or nil.
+local function validate(base, ops, first)
+    local types = {}
+    local values = {} -- string values known so far (false: not read yet)
+    local function type_of(j)
+        local t = types[j]
+        if t == nil then
+            t = redis.call('TYPE', data_key(base, j))['ok']
+            types[j] = t
+            values[j] = false
+        end
+        return t
+    end
+    local i = first
+    local n = 0
+    while i <= #ops do
+        n = n + 1
+        local name = ops[i]
+        local nkeys = tonumber(ops[i + 1])
+        local j = tonumber(ops[i + 2])
+        local a = i + 3 + nkeys
+        local nargs = tonumber(ops[a - 1])
+        if name == '*' then
+            for k = i + 2, i + 1 + nkeys do types[tonumber(ops[k])] = 'any' end
+        elseif name == 'SET' then
+            types[j] = 'string'
+            values[j] = ops[a]
+        elseif name == 'DEL' then
+            types[j] = 'none'
+            values[j] = nil
+        elseif name == 'INCRBY' then
+            local t = type_of(j)
+            if t ~= 'any' then
+                local cur
+                if t == 'none' then
+                    cur = '0'
+                elseif t == 'string' then
+                    cur = values[j]
+                    if cur == false then cur = redis.call('GET', data_key(base, j)) end
+                else
+                    return 'TXINVALID ' .. n .. ' WRONGTYPE Operation against a key holding the wrong kind of value'
+                end
+                local sum, why = add_int(cur, ops[a])
+                if not sum then return 'TXINVALID ' .. n .. ' ' .. why end
+                types[j] = 'string'
+                values[j] = sum
+            end
+        elseif name == 'PEXPIRE' then
+            if tonumber(ops[a]) <= 0 then
+                types[j] = 'none'
+                values[j] = nil
+            end
+        else
+            local want = TYPE_OF[name]
+            if not want then return 'TXINVALID ' .. n .. ' unknown staged command ' .. name end
+            local t = type_of(j)
+            if t ~= 'any' then
+                if t ~= 'none' and t ~= want then
+                    return 'TXINVALID ' .. n .. ' WRONGTYPE Operation against a key holding the wrong kind of value'
+                end
+                -- A removal may empty (and so delete) the key; without reading
+                -- the data we cannot know, so its type stays what it was.
+                if not (REMOVES[name] and t == 'none') then types[j] = want end
+            end
+        end
+        i = a + nargs
+    end
+    return nil
+end
+
+-- Runs the write-set; a failing command (only a queued one can fail after
+-- validation) does not stop the others. Returns the failures.
+local function run_ops(base, ops, first)
+    local failures = {}
+    local i = first
+    local n = 0
+    while i <= #ops do
+        n = n + 1
+        local name = ops[i]
+        local nkeys = tonumber(ops[i + 1])
+        local a = i + 3 + nkeys
+        local nargs = tonumber(ops[a - 1])
+        local res
+        if name == '*' then
+            res = redis.pcall(unpack(ops, a, a + nargs - 1))
+        else
+            res = redis.pcall(name, data_key(base, tonumber(ops[i + 2])), unpack(ops, a, a + nargs - 1))
+        end
+        if type(res) == 'table' and res.err then
+            failures[#failures + 1] = n .. ' ' .. res.err
+        end
+        i = a + nargs
+    end
+    return failures
+end
+
+-- Releases this transaction's locks and deletes its record: only called
+-- while the record exists, so the write locks of its written keys are its own.
+local function release(nread, txid)
+    local dels = { K[1] }
+    for j = 1, triples(2) do
+        if j <= nread then
+            redis.call('SREM', rlock_key(2, j), txid)
+        else
+            dels[#dels + 1] = wlock_key(2, j)
+        end
+    end
+    local i = 1
+    while i <= #dels do
+        local j = math.min(i + 999, #dels)
+        redis.call('DEL', unpack(dels, i, j))
+        i = j + 1
+    end
+end
+
+-- prepare: KEYS = record, tombstone, triples; ARGV = txid, nread, key list
+-- (client-built blob, kept for recovery), write-set...
+local function prepare(keys, args)
+    K = keys
+    local txid = args[1]
+    local nread = tonumber(args[2])
+    if redis.call('EXISTS', keys[1], keys[2]) > 0 then
+        if redis.call('EXISTS', keys[2]) > 0 then return redis.error_reply('TXABORTED') end
+        return redis.error_reply('TXPREPARED')
+    end
+    local refused = check_locks(2, nread, txid) or validate(2, args, 4)
+    if refused then return redis.error_reply(refused) end
+    local writes = {}
+    local reads = {}
+    for j = 1, triples(2) do
+        if j <= nread then
+            redis.call('SADD', rlock_key(2, j), txid)
+        else
+            writes[#writes + 1] = wlock_key(2, j)
+            writes[#writes + 1] = txid
+        end
+    end
+    local i = 1
+    while i <= #writes do
+        local j = math.min(i + 999, #writes)
+        redis.call('MSET', unpack(writes, i, j))
+        i = j + 1
+    end
+    local ops = {}
+    for k = 4, #args do ops[#ops + 1] = args[k] end
+    redis.call('HSET', keys[1], 't', txid, 'k', args[3], 'w', cmsgpack.pack(ops))
+    return 1
+end
+
+-- apply: KEYS = record, tombstone, triples; ARGV = txid, nread.
+-- Idempotent: 0 when there is no record (already applied or aborted).
+local function apply(keys, args)
+    K = keys
+    local packed = redis.call('HGET', keys[1], 'w')
+    if not packed then return 0 end
+    local failures = run_ops(2, cmsgpack.unpack(packed), 1)
+    release(tonumber(args[2]), args[1])
+    return failures
+end
+
+-- abort: KEYS = record, tombstone, triples; ARGV = txid, nread, tombstone TTL
+-- (ms). Releases what a prepare took (if it ran) and leaves a tombstone so a
+-- prepare arriving late refuses.
+local function abort(keys, args)
+    K = keys
+    local had = redis.call('EXISTS', keys[1])
+    if had == 1 then release(tonumber(args[2]), args[1]) end
+    redis.call('SET', keys[2], '1', 'PX', args[3])
+    return had
+end
+
+-- commit: one phase. KEYS = triples; ARGV = txid, nread, write-set...
+-- Check, validate and write in one call (inside the client's WATCH/MULTI/EXEC
+-- when it read anything).
+local function commit(keys, args)
+    K = keys
+    local nread = tonumber(args[2])
+    local refused = check_locks(0, nread, args[1]) or validate(0, args, 3)
+    if refused then return redis.error_reply(refused) end
+    return run_ops(0, args, 3)
+end
+
+redis.register_function('tm_prepare', prepare)
+redis.register_function{function_name = 'tm_apply', callback = apply, flags = {'allow-oom'}}
+redis.register_function{function_name = 'tm_abort', callback = abort, flags = {'allow-oom'}}
+redis.register_function('tm_commit', commit)

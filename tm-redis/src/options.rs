@@ -1,0 +1,155 @@
+//! `Options` for [`Store::open_with`](crate::Store::open_with) and the
+//! durability report.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Settings of a [`Store`](crate::Store). Start from `Options::default()` and
+/// change what you need:
+///
+/// ```
+/// use std::time::Duration;
+/// use tm_redis::Options;
+/// let options = Options::default()
+///     .prefix("app:tm:")
+///     .connect_timeout(Duration::from_millis(500))
+///     .require_durable_prepare(true);
+/// assert_eq!(options.prefix, "app:tm:");
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Options {
+    /// Prefix of every key tm itself stores (locks, prepared records,
+    /// tombstones). Default `tm:`.
+    pub prefix: String,
+    /// Idle connections kept for reuse. Default 8.
+    pub pool_size: usize,
+    /// Connect timeout. Default 5 s.
+    pub connect_timeout: Duration,
+    /// Read and write timeout of every command. Default 5 s.
+    pub response_timeout: Duration,
+    /// Fail `open` when the server's settings would lose a prepare (AOF off,
+    /// `appendfsync` not `always`, an eviction policy that may evict tm's
+    /// keys). Default `false`: such a server is reported by
+    /// [`Store::durability`](crate::Store::durability) and warned about once.
+    pub require_durable_prepare: bool,
+    /// How long an abort's tombstone refuses a late prepare of the same
+    /// transaction. Default 10 minutes.
+    pub tombstone_ttl: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            prefix: "tm:".to_owned(),
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+            require_durable_prepare: false,
+            tombstone_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Options {
+    /// Sets [`Options::prefix`].
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_owned();
+        self
+    }
+
+    /// Sets [`Options::pool_size`].
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.pool_size = n;
+        self
+    }
+
+    /// Sets [`Options::connect_timeout`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Options::response_timeout`].
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Options::require_durable_prepare`].
+    pub fn require_durable_prepare(mut self, on: bool) -> Self {
+        self.require_durable_prepare = on;
+        self
+    }
+
+    /// Sets [`Options::tombstone_ttl`].
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
+    }
+}
+
+/// The server's durability settings as found at open (`CONFIG GET`). `None`
+/// where the server would not tell (e.g. `CONFIG` renamed away).
+///
+/// ```
+/// use tm_redis::{testing::TestServer, Store};
+/// let server = TestServer::builder().fsync_always(true).start();
+/// let store = Store::open(&server.url())?;
+/// assert!(store.durability().is_durable(), "{}", store.durability());
+/// # Ok::<(), tm_redis::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Durability {
+    /// `appendonly`.
+    pub appendonly: Option<bool>,
+    /// `appendfsync` (`always`, `everysec`, `no`).
+    pub appendfsync: Option<String>,
+    /// `maxmemory-policy`.
+    pub maxmemory_policy: Option<String>,
+}
+
+impl Durability {
+    /// What would lose an acknowledged prepare; empty when durable.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match self.appendonly {
+            Some(true) => {}
+            Some(false) => problems.push("appendonly is off".to_owned()),
+            None => problems.push("appendonly is unknown".to_owned()),
+        }
+        match self.appendfsync.as_deref() {
+            Some("always") => {}
+            Some(other) => problems.push(format!(
+                "appendfsync is {other} (an OS crash can lose acknowledged prepares; use always)"
+            )),
+            None => problems.push("appendfsync is unknown".to_owned()),
+        }
+        match self.maxmemory_policy.as_deref() {
+            Some(p) if p == "noeviction" || p.starts_with("volatile-") => {}
+            Some(other) => problems.push(format!(
+                "maxmemory-policy is {other} (may evict locks and prepared records)"
+            )),
+            None => problems.push("maxmemory-policy is unknown".to_owned()),
+        }
+        problems
+    }
+
+    /// `true` when an acknowledged prepare survives a crash of the server or
+    /// its machine, and is never evicted.
+    pub fn is_durable(&self) -> bool {
+        self.problems().is_empty()
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let problems = self.problems();
+        if problems.is_empty() {
+            f.write_str("durable (appendonly yes, appendfsync always, no eviction of tm keys)")
+        } else {
+            f.write_str(&problems.join("; "))
+        }
+    }
+}

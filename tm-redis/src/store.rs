@@ -1,0 +1,511 @@
+//! `Store`: one Redis server (and db) as a tm resource.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+use redis::{IntoConnectionInfo, Value};
+use tm_core::{Phase, Recoverable, Transaction, TxId};
+use tracing::{debug, warn};
+
+use crate::conn::{self, Conn};
+use crate::error::{Error, Result};
+use crate::options::{Durability, Options};
+use crate::txn::{self, RedisHandle, RedisTxn};
+
+/// The server-side code, loaded with `FUNCTION LOAD REPLACE` at open.
+pub(crate) const LIBRARY: &str = include_str!("lua/tm.lua");
+
+/// A Redis server (one db) as a transactional resource.
+///
+/// `Clone` (a cheap handle on the same pool), `Send + Sync`. Opening
+/// connects, loads tm's Redis functions and checks the server's durability
+/// settings ([`Store::durability`]).
+///
+/// ```
+/// use tm_core::TransactionManager;
+/// use tm_redis::{testing::TestServer, Store};
+///
+/// let server = TestServer::start();
+/// let store = Store::open(&server.url())?;
+/// let tm = TransactionManager::explicit();
+/// tm.run(|txn| {
+///     let r = store.join(txn)?;
+///     let n: i64 = r.get("visits")?.unwrap_or(0);
+///     r.set("visits", n + 1)?;
+///     Ok::<_, tm_core::Error>(())
+/// })?;
+/// assert_eq!(store.get::<i64>("visits")?, Some(1));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<StoreInner>,
+}
+
+pub(crate) struct StoreInner {
+    client: redis::Client,
+    /// The server, as named in errors and as sort key: `redis://host:port/db`.
+    pub(crate) server: String,
+    resource_id: String,
+    pub(crate) prefix: Vec<u8>,
+    pub(crate) options: Options,
+    durability: Durability,
+    idle: Mutex<Vec<Conn>>,
+    pub(crate) open: Mutex<HashMap<TxId, Arc<RedisTxn>>>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("server", &self.inner.server)
+            .field("prefix", &String::from_utf8_lossy(&self.inner.prefix))
+            .finish()
+    }
+}
+
+/// Hides a password in a URL given by the user.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn server_name(info: &redis::ConnectionInfo) -> String {
+    let db = info.redis_settings().db();
+    match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}/{db}"),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{host}:{port}/{db}"),
+        redis::ConnectionAddr::Unix(path) => format!("redis+unix://{}?db={db}", path.display()),
+        other => format!("redis://{other:?}/{db}"),
+    }
+}
+
+impl Store {
+    /// Opens the server at `url` (`redis://host:port/db`) with default
+    /// [`Options`].
+    pub fn open(url: &str) -> Result<Store> {
+        Store::open_with(url, Options::default())
+    }
+
+    /// Opens the server at `url` with `options`: connects (within
+    /// `connect_timeout`), loads tm's functions, reads the durability
+    /// settings; fails with [`Error::NotDurable`] if they would lose prepares
+    /// and `require_durable_prepare` is set.
+    pub fn open_with(url: &str, options: Options) -> Result<Store> {
+        let info = url
+            .into_connection_info()
+            .map_err(|e| Error::InvalidArgument(format!("not a redis URL {}: {e}", redact(url))))?;
+        let tcp = info.tcp_settings().clone().set_nodelay(true);
+        let info = info.set_tcp_settings(tcp);
+        let server = server_name(&info);
+        let client = redis::Client::open(info).map_err(|source| Error::Connect {
+            url: redact(url),
+            source,
+        })?;
+        let resource_id = format!("{server}#{}", options.prefix);
+        let prefix = options.prefix.as_bytes().to_vec();
+        let mut inner = StoreInner {
+            client,
+            server,
+            resource_id,
+            prefix,
+            options,
+            durability: Durability {
+                appendonly: None,
+                appendfsync: None,
+                maxmemory_policy: None,
+            },
+            idle: Mutex::new(Vec::new()),
+            open: Mutex::new(HashMap::new()),
+        };
+        let mut conn = inner.connect().map_err(|err| match err {
+            Error::Connect { source, .. } => Error::Connect {
+                url: redact(url),
+                source,
+            },
+            other => other,
+        })?;
+        let mut buf = Vec::new();
+        conn::command(
+            &mut buf,
+            &[b"FUNCTION", b"LOAD", b"REPLACE", LIBRARY.as_bytes()],
+        );
+        for name in ["appendonly", "appendfsync", "maxmemory-policy"] {
+            conn::command(&mut buf, &[b"CONFIG", b"GET", name.as_bytes()]);
+        }
+        let replies = conn
+            .request(&buf, 4)
+            .map_err(|source| inner.command_error(Phase::Open, "FUNCTION LOAD", source))?;
+        if let Value::ServerError(e) = &replies[0] {
+            return Err(inner.command_error(Phase::Open, "FUNCTION LOAD", e.clone().into()));
+        }
+        let config = |v: &Value| -> Option<String> {
+            match v {
+                Value::Array(items) if items.len() == 2 => match &items[1] {
+                    Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                    Value::SimpleString(s) => Some(s.clone()),
+                    _ => None,
+                },
+                Value::Map(items) if items.len() == 1 => match &items[0].1 {
+                    Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                    Value::SimpleString(s) => Some(s.clone()),
+                    _ => None,
+                },
+                _ => None,
+            }
+        };
+        inner.durability = Durability {
+            appendonly: config(&replies[1]).map(|v| v == "yes"),
+            appendfsync: config(&replies[2]),
+            maxmemory_policy: config(&replies[3]),
+        };
+        if !inner.durability.is_durable() {
+            if inner.options.require_durable_prepare {
+                return Err(Error::NotDurable {
+                    server: inner.server.clone(),
+                    durability: inner.durability.clone(),
+                });
+            }
+            warn_once(&inner.server, &inner.durability);
+        }
+        inner.release(conn);
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Joins this store to `txn` and returns the transaction's handle (the
+    /// same transaction state however often it is called).
+    pub fn join(&self, txn: &Transaction) -> Result<RedisHandle> {
+        txn::join(self, txn)
+    }
+
+    /// The durability settings found at open.
+    pub fn durability(&self) -> &Durability {
+        &self.inner.durability
+    }
+
+    /// The server as named in errors and used as sort key:
+    /// `redis://host:port/db`.
+    pub fn server(&self) -> &str {
+        &self.inner.server
+    }
+
+    /// The prefix of tm's own keys.
+    pub fn prefix(&self) -> &str {
+        &self.inner.options.prefix
+    }
+
+    /// The underlying client, for work outside transactions.
+    pub fn client(&self) -> &redis::Client {
+        &self.inner.client
+    }
+
+    /// Reads a string key outside any transaction (committed data).
+    pub fn get<V: redis::FromRedisValue>(&self, key: impl AsRef<[u8]>) -> Result<Option<V>> {
+        let mut buf = Vec::new();
+        conn::command(&mut buf, &[b"GET", key.as_ref()]);
+        let reply = self
+            .inner
+            .call_idempotent(Phase::Work, "GET", &buf, 1)?
+            .remove(0);
+        match reply {
+            Value::Nil => Ok(None),
+            Value::ServerError(e) => Err(self.inner.command_error(Phase::Work, "GET", e.into())),
+            v => redis::from_redis_value(v)
+                .map(Some)
+                .map_err(|e| self.inner.command_error(Phase::Work, "GET", e.into())),
+        }
+    }
+
+    /// Loads tm's functions again (`FUNCTION LOAD REPLACE`). Done at open,
+    /// and by itself when a call finds them missing.
+    pub fn load_functions(&self) -> Result<()> {
+        self.inner.load_functions(Phase::Open)
+    }
+}
+
+fn warn_once(server: &str, durability: &Durability) {
+    static WARNED: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    let first = WARNED
+        .get_or_init(|| Mutex::new(HashSet::new()))
+        .lock()
+        .insert(server.to_owned());
+    if first {
+        warn!(server, %durability, "redis prepares are not durable on this server");
+    }
+}
+
+impl StoreInner {
+    pub(crate) fn command_error(
+        &self,
+        phase: Phase,
+        command: &str,
+        source: redis::RedisError,
+    ) -> Error {
+        if source.is_io_error() || source.is_connection_dropped() || source.is_timeout() {
+            // The server may have restarted: the other idle connections are
+            // most likely dead too.
+            self.idle.lock().clear();
+        }
+        Error::Command {
+            server: self.server.clone(),
+            phase,
+            command: command.to_owned(),
+            source,
+        }
+    }
+
+    fn connect(&self) -> Result<Conn> {
+        let con = self
+            .client
+            .get_connection_with_timeout(self.options.connect_timeout)
+            .map_err(|source| Error::Connect {
+                url: self.server.clone(),
+                source,
+            })?;
+        let timeout = Some(self.options.response_timeout);
+        con.set_read_timeout(timeout)
+            .and_then(|()| con.set_write_timeout(timeout))
+            .map_err(|source| Error::Connect {
+                url: self.server.clone(),
+                source,
+            })?;
+        Ok(Conn {
+            con,
+            stale_watches: false,
+            pooled: false,
+        })
+    }
+
+    /// An idle connection, or a new one.
+    pub(crate) fn connection(&self) -> Result<Conn> {
+        if let Some(mut c) = self.idle.lock().pop() {
+            c.pooled = true;
+            return Ok(c);
+        }
+        self.connect()
+    }
+
+    /// Returns a healthy connection to the pool (or closes it when full).
+    pub(crate) fn release(&self, conn: Conn) {
+        let mut idle = self.idle.lock();
+        if idle.len() < self.options.pool_size {
+            idle.push(conn);
+        }
+    }
+
+    /// Runs a request that may safely be sent twice (reads, apply, abort):
+    /// a pooled connection that turns out dead is replaced once.
+    pub(crate) fn call_idempotent(
+        &self,
+        phase: Phase,
+        command: &str,
+        packed: &[u8],
+        count: usize,
+    ) -> Result<Vec<Value>> {
+        let mut conn = self.connection()?;
+        let first = conn.request(packed, count);
+        let replies = match first {
+            Ok(r) => r,
+            Err(e) if conn.pooled && (e.is_io_error() || e.is_connection_dropped()) => {
+                debug!(server = %self.server, error = %e, "idle connection was dead; retrying on a new one");
+                self.idle.lock().clear();
+                conn = self.connect()?;
+                conn.request(packed, count)
+                    .map_err(|source| self.command_error(phase, command, source))?
+            }
+            Err(source) => return Err(self.command_error(phase, command, source)),
+        };
+        self.release(conn);
+        Ok(replies)
+    }
+
+    pub(crate) fn load_functions(&self, phase: Phase) -> Result<()> {
+        let mut buf = Vec::new();
+        conn::command(
+            &mut buf,
+            &[b"FUNCTION", b"LOAD", b"REPLACE", LIBRARY.as_bytes()],
+        );
+        match self
+            .call_idempotent(phase, "FUNCTION LOAD", &buf, 1)?
+            .remove(0)
+        {
+            Value::ServerError(e) => Err(self.command_error(phase, "FUNCTION LOAD", e.into())),
+            _ => Ok(()),
+        }
+    }
+
+    /// `<prefix>{<tag>}:<kind>:<name>`
+    pub(crate) fn tm_key(&self, tag: &[u8], kind: &str, name: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + tag.len() + kind.len() + name.len() + 4);
+        k.extend_from_slice(&self.prefix);
+        k.push(b'{');
+        k.extend_from_slice(tag);
+        k.extend_from_slice(b"}:");
+        k.extend_from_slice(kind.as_bytes());
+        k.push(b':');
+        k.extend_from_slice(name);
+        k
+    }
+
+    /// Finds the record of `txid` (its key and fields `k`), trying the
+    /// untagged name first, then a SCAN over the tagged ones.
+    fn find_record(&self, txid: &TxId, phase: Phase) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+        let id = txid.to_string();
+        let plain = self.tm_key(b"", "prepared", id.as_bytes());
+        if let Some(blob) = self.record_keys(&plain, phase)? {
+            return Ok(Some((plain, blob)));
+        }
+        let mut pattern = glob_escape(&self.prefix);
+        pattern.extend_from_slice(b"{*}:prepared:");
+        pattern.extend_from_slice(id.as_bytes());
+        for name in self.scan(&pattern, phase)? {
+            if let Some(blob) = self.record_keys(&name, phase)? {
+                return Ok(Some((name, blob)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn record_keys(&self, record: &[u8], phase: Phase) -> Result<Option<Vec<u8>>> {
+        let mut buf = Vec::new();
+        conn::command(&mut buf, &[b"HGET", record, b"k"]);
+        match self.call_idempotent(phase, "HGET", &buf, 1)?.remove(0) {
+            Value::BulkString(b) => Ok(Some(b)),
+            Value::Nil => Ok(None),
+            Value::ServerError(e) => Err(self.command_error(phase, "HGET", e.into())),
+            other => Err(self.unexpected(phase, "HGET", &other)),
+        }
+    }
+
+    fn scan(&self, pattern: &[u8], phase: Phase) -> Result<Vec<Vec<u8>>> {
+        let mut found = Vec::new();
+        let mut seen = HashSet::new();
+        let mut cursor = b"0".to_vec();
+        loop {
+            let mut buf = Vec::new();
+            conn::command(
+                &mut buf,
+                &[b"SCAN", &cursor, b"MATCH", pattern, b"COUNT", b"1000"],
+            );
+            let reply = self.call_idempotent(phase, "SCAN", &buf, 1)?.remove(0);
+            let Value::Array(mut parts) = reply else {
+                return Err(self.unexpected(phase, "SCAN", &reply));
+            };
+            if parts.len() != 2 {
+                return Err(self.unexpected(phase, "SCAN", &Value::Array(parts)));
+            }
+            let keys = parts.pop();
+            let next = parts.pop();
+            if let Some(Value::Array(keys)) = keys {
+                for k in keys {
+                    if let Value::BulkString(k) = k {
+                        if seen.insert(k.clone()) {
+                            found.push(k);
+                        }
+                    }
+                }
+            }
+            match next {
+                Some(Value::BulkString(c)) if c == b"0" => return Ok(found),
+                Some(Value::BulkString(c)) => cursor = c,
+                other => return Err(self.unexpected(phase, "SCAN", &other.unwrap_or(Value::Nil))),
+            }
+        }
+    }
+
+    pub(crate) fn unexpected(&self, phase: Phase, command: &str, reply: &Value) -> Error {
+        Error::UnexpectedReply {
+            server: self.server.clone(),
+            phase,
+            command: command.to_owned(),
+            reply: format!("{reply:?}"),
+        }
+    }
+
+    /// The record key's tag: `<prefix>{<tag>}:prepared:<txid>`.
+    fn record_tag<'a>(&self, record: &'a [u8], txid: &str) -> &'a [u8] {
+        let start = self.prefix.len() + 1;
+        let end = record.len() - b"}:prepared:".len() - txid.len();
+        &record[start..end]
+    }
+}
+
+fn glob_escape(s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(s.len());
+    for &b in s {
+        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out
+}
+
+impl Recoverable for Store {
+    fn resource_id(&self) -> String {
+        self.inner.resource_id.clone()
+    }
+
+    fn in_doubt(&self) -> tm_core::Result<Vec<TxId>> {
+        let mut pattern = glob_escape(&self.inner.prefix);
+        pattern.extend_from_slice(b"{*}:prepared:*");
+        let names = self.inner.scan(&pattern, Phase::Recover)?;
+        let mut ids: Vec<TxId> = names
+            .iter()
+            .filter_map(|n| {
+                let pos = n.windows(10).rposition(|w| w == b":prepared:")?;
+                std::str::from_utf8(&n[pos + 10..]).ok()?.parse().ok()
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    fn commit_prepared(&self, txid: &TxId) -> tm_core::Result<()> {
+        let Some((record, blob)) = self.inner.find_record(txid, Phase::Recover)? else {
+            debug!(server = %self.inner.server, %txid, "commit_prepared: no record (already finished)");
+            return Ok(());
+        };
+        let id = txid.to_string();
+        let tag = self.inner.record_tag(&record, &id).to_vec();
+        let (nread, keys) = txn::decode_keys(&blob).ok_or_else(|| Error::UnexpectedReply {
+            server: self.inner.server.clone(),
+            phase: Phase::Recover,
+            command: "HGET".to_owned(),
+            reply: "a prepared record with a malformed key list".to_owned(),
+        })?;
+        let layout = txn::Layout::new(&self.inner, &tag, txid, &keys, nread, true);
+        txn::apply(&self.inner, &layout, &id, Phase::Recover)?;
+        Ok(())
+    }
+
+    fn abort_prepared(&self, txid: &TxId) -> tm_core::Result<()> {
+        let id = txid.to_string();
+        let layout = match self.inner.find_record(txid, Phase::Recover)? {
+            Some((record, blob)) => {
+                let tag = self.inner.record_tag(&record, &id).to_vec();
+                let (nread, keys) =
+                    txn::decode_keys(&blob).ok_or_else(|| Error::UnexpectedReply {
+                        server: self.inner.server.clone(),
+                        phase: Phase::Recover,
+                        command: "HGET".to_owned(),
+                        reply: "a prepared record with a malformed key list".to_owned(),
+                    })?;
+                txn::Layout::new(&self.inner, &tag, txid, &keys, nread, true)
+            }
+            // No record: still leave a tombstone, so that a prepare of this
+            // transaction still on its way refuses.
+            None => txn::Layout::new(&self.inner, b"", txid, &[], 0, true),
+        };
+        txn::abort(&self.inner, &layout, &id, Phase::Recover)?;
+        Ok(())
+    }
+}
