@@ -228,7 +228,10 @@ impl Attempt {
             txn.note(note);
         }
         let outcome = catch_unwind(AssertUnwindSafe(|| f(&txn)));
-        let err: E = match outcome {
+        // Retryability is decided before the abort (which forgets the
+        // resources), and on tm's own error before it becomes an `E` that
+        // may hide it (an `#[error(transparent)]` variant).
+        let (err, retryable): (E, bool) = match outcome {
             Err(payload) => {
                 self.progress.done.set(true);
                 abort_logged(&txn);
@@ -239,14 +242,21 @@ impl Attempt {
                     self.progress.done.set(true);
                     return Ok(Some(value));
                 }
-                Err(err) => err.into(),
+                Err(err) => {
+                    let retryable = is_retryable_in(Some(&txn), &err);
+                    (err.into(), retryable)
+                }
             },
-            Ok(Err(err)) => err,
+            Ok(Err(err)) => {
+                let retryable = err
+                    .tm_error()
+                    .is_some_and(|e| is_retryable_in(Some(&txn), e))
+                    || err
+                        .as_std_error()
+                        .is_some_and(|e| is_retryable_in(Some(&txn), e));
+                (err, retryable)
+            }
         };
-        // Decided before the abort: the abort forgets the resources.
-        let retryable = err
-            .as_std_error()
-            .is_some_and(|e| is_retryable_in(Some(&txn), e));
         abort_logged(&txn);
         let described = err
             .as_std_error()

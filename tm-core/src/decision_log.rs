@@ -311,10 +311,7 @@ fn decode(body: &[u8]) -> Option<Record> {
 fn parse(bytes: &[u8]) -> (BTreeMap<TxId, Decision>, u64) {
     let mut pending = BTreeMap::new();
     let mut pos = MAGIC.len();
-    loop {
-        let Some(header) = bytes.get(pos..pos + 8) else {
-            break;
-        };
+    while let Some(header) = bytes.get(pos..pos + 8) {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
         let Some(body) = bytes.get(pos + 8..pos + 8 + len) else {

@@ -203,10 +203,22 @@ impl TransactionManagerBuilder {
 pub trait TxError: From<Error> {
     /// The error as a `std::error::Error`, to walk its `source()` chain.
     fn as_std_error(&self) -> Option<&(dyn std::error::Error + 'static)>;
+
+    /// The tm [`Error`] this value holds directly, if any. The retry
+    /// decision asks it first: a variant marked `#[error(transparent)]`
+    /// forwards `source()` *past* the tm error, so the chain alone would not
+    /// show an [`Error::Conflict`] it holds. [`tx_error!`](crate::tx_error)
+    /// with `=> Variant` implements it.
+    fn tm_error(&self) -> Option<&Error> {
+        None
+    }
 }
 
 impl TxError for Error {
     fn as_std_error(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self)
+    }
+    fn tm_error(&self) -> Option<&Error> {
         Some(self)
     }
 }
@@ -233,7 +245,16 @@ impl TxError for anyhow::Error {
 /// Implements [`TxError`] for an application error type that implements
 /// `std::error::Error + From<tm_core::Error>`.
 ///
+/// `tx_error!(AppError => Tm)` also names the variant that holds a
+/// [`tm_core::Error`](Error), so that a retryable tm error in it is retried
+/// even when the variant is `#[error(transparent)]` (which hides it from the
+/// `source()` chain). `tx_error!(AppError)` relies on the chain alone: use it
+/// when the tm error is the variant's `#[source]` (thiserror's `#[from]`
+/// without `transparent`).
+///
 /// ```
+/// use tm_core::{Error, Phase, TransactionManager, Backoff};
+///
 /// #[derive(Debug, thiserror::Error)]
 /// enum AppError {
 ///     #[error("insufficient funds")]
@@ -241,14 +262,39 @@ impl TxError for anyhow::Error {
 ///     #[error(transparent)]
 ///     Tm(#[from] tm_core::Error),
 /// }
-/// tm_core::tx_error!(AppError);
+/// tm_core::tx_error!(AppError => Tm);
 ///
-/// let tm = tm_core::TransactionManager::explicit();
+/// let tm = TransactionManager::builder().explicit(true).backoff(Backoff::None).build();
 /// let r: Result<(), AppError> = tm.run(|_txn| Err(AppError::Funds));
 /// assert!(matches!(r, Err(AppError::Funds)));
+///
+/// let mut tries = 0;
+/// tm.run(|_txn| {
+///     tries += 1;
+///     if tries == 1 {
+///         return Err(AppError::from(Error::conflict("store", Phase::Work, "k")));
+///     }
+///     Ok(())
+/// })?;
+/// assert_eq!(tries, 2);
+/// # Ok::<(), AppError>(())
 /// ```
 #[macro_export]
 macro_rules! tx_error {
+    ($ty:ty => $($variant:ident)|+ $(,)?) => {
+        impl $crate::TxError for $ty {
+            fn as_std_error(&self) -> ::std::option::Option<&(dyn ::std::error::Error + 'static)> {
+                ::std::option::Option::Some(self)
+            }
+            #[allow(unreachable_patterns)]
+            fn tm_error(&self) -> ::std::option::Option<&$crate::Error> {
+                match self {
+                    $(Self::$variant(e) => ::std::option::Option::Some(e),)+
+                    _ => ::std::option::Option::None,
+                }
+            }
+        }
+    };
     ($($ty:ty),+ $(,)?) => {$(
         impl $crate::TxError for $ty {
             fn as_std_error(&self) -> ::std::option::Option<&(dyn ::std::error::Error + 'static)> {

@@ -7,6 +7,10 @@ use crate::data_manager::{DataManager, ResourceSavepoint};
 use crate::error::Result;
 use crate::transaction::Transaction;
 
+/// A resource of a savepoint and its own savepoint (`None`: taken
+/// optimistically from a resource without savepoint support).
+pub(crate) type SavepointEntry = (Arc<dyn DataManager>, Option<Box<dyn ResourceSavepoint>>);
+
 /// A point a transaction can be rolled back to, across all its resources.
 ///
 /// * Rolling back restores every resource to the savepoint; resources joined
@@ -34,7 +38,7 @@ use crate::transaction::Transaction;
 pub struct Savepoint {
     txn: Transaction,
     id: u64,
-    entries: Vec<(Arc<dyn DataManager>, Option<Box<dyn ResourceSavepoint>>)>,
+    entries: Vec<SavepointEntry>,
     joined_before: usize,
 }
 
@@ -42,7 +46,7 @@ impl Savepoint {
     pub(crate) fn new(
         txn: Transaction,
         id: u64,
-        entries: Vec<(Arc<dyn DataManager>, Option<Box<dyn ResourceSavepoint>>)>,
+        entries: Vec<SavepointEntry>,
         joined_before: usize,
     ) -> Self {
         Savepoint {

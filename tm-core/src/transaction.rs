@@ -15,11 +15,11 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tracing::{debug, error, trace, warn};
 
-use crate::data_manager::{DataManager, Phase, ResourceSavepoint};
+use crate::data_manager::{DataManager, Phase};
 use crate::decision_log::Decision;
 use crate::error::{Error, Result};
 use crate::manager::Shared;
-use crate::savepoint::Savepoint;
+use crate::savepoint::{Savepoint, SavepointEntry};
 use crate::status::Status;
 use crate::txid::TxId;
 
@@ -409,6 +409,7 @@ impl Transaction {
                 debug!("committed");
                 self.run_after_commit_hooks(true);
                 self.synchs_after_completion();
+                self.clear_data();
                 self.inner.shared.forget(self);
                 Ok(())
             }
@@ -595,8 +596,9 @@ impl Transaction {
                 }
             }
         }
-        self.synchs_before_completion();
+        // As ZODB: before-abort hooks first, then the synchronizers.
         self.run_abort_hooks(true);
+        self.synchs_before_completion();
         let resources = {
             let mut st = self.inner.state.lock();
             st.savepoints.clear();
@@ -618,6 +620,7 @@ impl Transaction {
         self.finish_status(Status::Aborted);
         debug!("aborted");
         self.synchs_after_completion();
+        self.clear_data();
         self.inner.shared.forget(self);
         match first {
             Some(err) => Err(err),
@@ -634,7 +637,12 @@ impl Transaction {
             st.before_abort.clear();
             st.after_abort.clear();
         }
-        st.data.clear();
+    }
+
+    /// Drops the typed data once hooks and synchronizers no longer need it
+    /// (ZODB too frees it only after the after-commit hooks).
+    fn clear_data(&self) {
+        self.inner.state.lock().data.clear();
     }
 
     fn run_after_commit_hooks(&self, ok: bool) {
@@ -717,8 +725,7 @@ impl Transaction {
             }
             st.resources.clone()
         };
-        let mut entries: Vec<(Arc<dyn DataManager>, Option<Box<dyn ResourceSavepoint>>)> =
-            Vec::with_capacity(resources.len());
+        let mut entries: Vec<SavepointEntry> = Vec::with_capacity(resources.len());
         for dm in &resources {
             let mut taken = None;
             let result = call(dm, Phase::Savepoint, || {
@@ -749,7 +756,7 @@ impl Transaction {
     pub(crate) fn rollback_savepoint(
         &self,
         id: u64,
-        entries: &[(Arc<dyn DataManager>, Option<Box<dyn ResourceSavepoint>>)],
+        entries: &[SavepointEntry],
         joined_before: usize,
     ) -> Result<()> {
         let _entered = self.inner.span.enter();
