@@ -183,6 +183,11 @@ proptest! {
                 Phase::TpcFinish => !finish_failed,
                 p => is_ending(**p),
             }).count();
+            // The kind of ending follows what ran: tpc_abort only after
+            // tpc_begin, abort only without it.
+            let begun = phases.contains(&Phase::TpcBegin);
+            prop_assert!(!phases.contains(&Phase::TpcAbort) || begun, "{} {:?}", name, phases);
+            prop_assert!(!phases.contains(&Phase::Abort) || !begun, "{} {:?}", name, phases);
             let key = resources[i].0.to_string();
             if finish_failed && !resources[i].1 && names.len() > 1 {
                 prop_assert!(in_doubt.contains(&key), "{:?} names {}", result, key);
