@@ -77,9 +77,7 @@ fn attempts_overhead(c: &mut Criterion) {
     group.bench_function("attempts_1_resource", |b| {
         b.iter(|| {
             for attempt in tm.attempts() {
-                attempt
-                    .run(|txn| txn.join(dm.clone()))
-                    .unwrap();
+                attempt.run(|txn| txn.join(dm.clone())).unwrap();
             }
         })
     });

@@ -53,7 +53,10 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     let alice = accounts.committed("alice").unwrap_or(0);
     let bob = accounts.committed("bob").unwrap_or(0);
-    println!("attempts for the transfer: {}", tries.load(Ordering::SeqCst));
+    println!(
+        "attempts for the transfer: {}",
+        tries.load(Ordering::SeqCst)
+    );
     println!("alice = {alice}, bob = {bob}, total = {}", alice + bob);
     let mut entries: Vec<_> = ledger.snapshot().into_iter().collect();
     entries.sort();

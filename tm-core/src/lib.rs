@@ -75,7 +75,8 @@ pub use transaction::Transaction;
 pub use txid::{ParseTxIdError, TxId};
 
 thread_local! {
-    static THREAD_MANAGER: TransactionManager = TransactionManager::new();
+    static THREAD_MANAGER: std::cell::RefCell<TransactionManager> =
+        std::cell::RefCell::new(TransactionManager::new());
 }
 
 /// This thread's default manager (implicit, like `transaction.manager`):
@@ -88,7 +89,22 @@ thread_local! {
 /// # Ok::<(), tm_core::Error>(())
 /// ```
 pub fn manager() -> TransactionManager {
-    THREAD_MANAGER.with(|m| m.clone())
+    THREAD_MANAGER.with(|m| m.borrow().clone())
+}
+
+/// Replaces this thread's default manager, e.g. with one that has a
+/// decision log or more retry attempts; returns the previous one. A
+/// transaction still open on the previous manager stays with it.
+///
+/// ```
+/// use tm_core::{Backoff, TransactionManager};
+/// tm_core::set_manager(
+///     TransactionManager::builder().retry_attempt_count(10).backoff(Backoff::None).build(),
+/// );
+/// assert_eq!(tm_core::manager().retry_attempt_count(), 10);
+/// ```
+pub fn set_manager(tm: TransactionManager) -> TransactionManager {
+    THREAD_MANAGER.with(|m| std::mem::replace(&mut *m.borrow_mut(), tm))
 }
 
 /// [`TransactionManager::begin`] on this thread's [`manager`].

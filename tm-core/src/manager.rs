@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub(crate) backoff: Mutex<Backoff>,
     pub(crate) decision_log: Option<Arc<dyn DecisionLog>>,
     synchs: RwLock<Arc<[Arc<dyn Synchronizer>]>>,
+    /// Lets the common case (no synchronizer) skip the lock.
+    has_synchs: AtomicBool,
 }
 
 static NEXT_MANAGER: AtomicU64 = AtomicU64::new(1);
@@ -39,6 +41,14 @@ thread_local! {
 impl Shared {
     pub(crate) fn synchs(&self) -> Arc<[Arc<dyn Synchronizer>]> {
         self.synchs.read().clone()
+    }
+
+    pub(crate) fn synchs_if_any(&self) -> Option<Arc<[Arc<dyn Synchronizer>]>> {
+        if self.has_synchs.load(Ordering::Acquire) {
+            Some(self.synchs())
+        } else {
+            None
+        }
     }
 
     fn current(&self) -> Option<Transaction> {
@@ -187,6 +197,7 @@ impl TransactionManagerBuilder {
                 backoff: Mutex::new(self.backoff.unwrap_or_default()),
                 decision_log: self.decision_log,
                 synchs: RwLock::new(Arc::from(Vec::new())),
+                has_synchs: AtomicBool::new(false),
             }),
         }
     }
@@ -349,8 +360,10 @@ impl TransactionManager {
     fn start(&self) -> Transaction {
         let txn = Transaction::new(self.shared.clone());
         self.shared.set_current(txn.clone());
-        for s in self.shared.synchs().iter() {
-            s.new_transaction(&txn);
+        if let Some(synchs) = self.shared.synchs_if_any() {
+            for s in synchs.iter() {
+                s.new_transaction(&txn);
+            }
         }
         txn
     }
@@ -407,6 +420,7 @@ impl TransactionManager {
             let mut v: Vec<_> = synchs.iter().cloned().collect();
             v.push(s.clone());
             *synchs = Arc::from(v);
+            self.shared.has_synchs.store(true, Ordering::Release);
         }
         if let Some(txn) = self.shared.current() {
             s.new_transaction(&txn);
@@ -421,6 +435,9 @@ impl TransactionManager {
             .filter(|x| !Arc::ptr_eq(x, s))
             .cloned()
             .collect();
+        self.shared
+            .has_synchs
+            .store(!v.is_empty(), Ordering::Release);
         *synchs = Arc::from(v);
     }
 

@@ -74,6 +74,14 @@ impl Savepoint {
     }
 }
 
+impl Drop for Savepoint {
+    fn drop(&mut self) {
+        // Like ZODB's weak savepoint index: a dropped savepoint can never be
+        // rolled back to, so it leaves the transaction's stack.
+        self.txn.forget_savepoint(self.id);
+    }
+}
+
 impl fmt::Debug for Savepoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Savepoint")

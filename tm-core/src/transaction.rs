@@ -10,6 +10,7 @@ use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -55,15 +56,28 @@ struct Inner {
     id: TxId,
     shared: Arc<Shared>,
     span: tracing::Span,
+    /// Written only with `state` locked (so that joins and status changes
+    /// are ordered); read without it.
+    status: AtomicU8,
     state: Mutex<State>,
 }
 
 struct State {
-    status: Status,
     resources: Vec<Arc<dyn DataManager>>,
+    /// Set when a failed commit has already given every resource its ending
+    /// (or left it in doubt): `abort()` must not call them again. The list is
+    /// kept so that the retry decision can still ask them.
+    resources_ended: bool,
     /// Ids of the valid savepoints, oldest first.
     savepoints: Vec<u64>,
     next_savepoint: u64,
+    /// Metadata, hooks and data: most transactions have none, so they cost
+    /// nothing until used.
+    extras: Option<Box<Extras>>,
+}
+
+#[derive(Default)]
+struct Extras {
     description: String,
     user: String,
     extension: BTreeMap<String, String>,
@@ -72,10 +86,40 @@ struct State {
     before_abort: VecDeque<AbortHook>,
     after_abort: VecDeque<AbortHook>,
     data: HashMap<TypeId, Arc<dyn Any + Send + Sync>>,
-    /// Set when a failed commit has already given every resource its ending
-    /// (or left it in doubt): `abort()` must not call them again. The list is
-    /// kept so that the retry decision can still ask them.
-    resources_ended: bool,
+}
+
+impl State {
+    fn extras(&mut self) -> &mut Extras {
+        self.extras.get_or_insert_with(Default::default)
+    }
+
+    fn pop_hook<T>(&mut self, queue: impl FnOnce(&mut Extras) -> &mut VecDeque<T>) -> Option<T> {
+        self.extras
+            .as_deref_mut()
+            .and_then(|e| queue(e).pop_front())
+    }
+}
+
+fn status_from(v: u8) -> Status {
+    match v {
+        0 => Status::Active,
+        1 => Status::Committing,
+        2 => Status::Committed,
+        3 => Status::Doomed,
+        4 => Status::CommitFailed,
+        _ => Status::Aborted,
+    }
+}
+
+fn status_to(s: Status) -> u8 {
+    match s {
+        Status::Active => 0,
+        Status::Committing => 1,
+        Status::Committed => 2,
+        Status::Doomed => 3,
+        Status::CommitFailed => 4,
+        Status::Aborted => 5,
+    }
 }
 
 impl fmt::Debug for Transaction {
@@ -139,20 +183,13 @@ impl Transaction {
                 id,
                 shared,
                 span,
+                status: AtomicU8::new(status_to(Status::Active)),
                 state: Mutex::new(State {
-                    status: Status::Active,
                     resources: Vec::new(),
+                    resources_ended: false,
                     savepoints: Vec::new(),
                     next_savepoint: 0,
-                    description: String::new(),
-                    user: String::new(),
-                    extension: BTreeMap::new(),
-                    before_commit: VecDeque::new(),
-                    after_commit: VecDeque::new(),
-                    before_abort: VecDeque::new(),
-                    after_abort: VecDeque::new(),
-                    data: HashMap::new(),
-                    resources_ended: false,
+                    extras: None,
                 }),
             }),
         }
@@ -165,7 +202,14 @@ impl Transaction {
 
     /// The current status.
     pub fn status(&self) -> Status {
-        self.inner.state.lock().status
+        status_from(self.inner.status.load(Ordering::Acquire))
+    }
+
+    /// Sets the status; callers hold the state lock.
+    fn set_status(&self, status: Status) {
+        self.inner
+            .status
+            .store(status_to(status), Ordering::Release);
     }
 
     /// The `tracing` span of this transaction (carries its id); adapters may
@@ -182,7 +226,7 @@ impl Transaction {
     /// committing or once finished.
     pub fn join(&self, dm: Arc<dyn DataManager>) -> Result<()> {
         let mut st = self.inner.state.lock();
-        match st.status {
+        match self.status() {
             Status::Active | Status::Doomed => {}
             Status::CommitFailed => return Err(Error::CommitFailed),
             Status::Committing | Status::Committed | Status::Aborted => return Err(Error::Closed),
@@ -191,6 +235,9 @@ impl Transaction {
             return Ok(());
         }
         trace!(parent: &self.inner.span, resource = dm.sort_key(), "join");
+        if st.resources.capacity() == 0 {
+            st.resources.reserve_exact(4);
+        }
         st.resources.push(dm);
         Ok(())
     }
@@ -224,10 +271,10 @@ impl Transaction {
     /// only abort. Idempotent. [`Error::Closed`] once finished or committing,
     /// [`Error::CommitFailed`] after a failed commit.
     pub fn doom(&self) -> Result<()> {
-        let mut st = self.inner.state.lock();
-        match st.status {
+        let _st = self.inner.state.lock();
+        match self.status() {
             Status::Active | Status::Doomed => {
-                st.status = Status::Doomed;
+                self.set_status(Status::Doomed);
                 Ok(())
             }
             Status::CommitFailed => Err(Error::CommitFailed),
@@ -247,25 +294,34 @@ impl Transaction {
             return;
         }
         let mut st = self.inner.state.lock();
-        if !st.description.is_empty() {
-            st.description.push('\n');
+        let description = &mut st.extras().description;
+        if !description.is_empty() {
+            description.push('\n');
         }
-        st.description.push_str(text);
+        description.push_str(text);
     }
 
     /// The notes, newline-separated.
     pub fn description(&self) -> String {
-        self.inner.state.lock().description.clone()
+        let st = self.inner.state.lock();
+        st.extras
+            .as_ref()
+            .map(|e| e.description.clone())
+            .unwrap_or_default()
     }
 
     /// Records who runs the transaction.
     pub fn set_user(&self, user: &str) {
-        self.inner.state.lock().user = user.to_owned();
+        self.inner.state.lock().extras().user = user.to_owned();
     }
 
     /// The user set with [`set_user`](Self::set_user) (empty if none).
     pub fn user(&self) -> String {
-        self.inner.state.lock().user.clone()
+        let st = self.inner.state.lock();
+        st.extras
+            .as_ref()
+            .map(|e| e.user.clone())
+            .unwrap_or_default()
     }
 
     /// Sets an extension (free-form metadata); the last value wins.
@@ -273,18 +329,24 @@ impl Transaction {
         self.inner
             .state
             .lock()
+            .extras()
             .extension
             .insert(key.to_owned(), value.to_owned());
     }
 
     /// An extension's value.
     pub fn extension(&self, key: &str) -> Option<String> {
-        self.inner.state.lock().extension.get(key).cloned()
+        let st = self.inner.state.lock();
+        st.extras.as_ref()?.extension.get(key).cloned()
     }
 
     /// All extensions, sorted by key.
     pub fn extensions(&self) -> BTreeMap<String, String> {
-        self.inner.state.lock().extension.clone()
+        let st = self.inner.state.lock();
+        st.extras
+            .as_ref()
+            .map(|e| e.extension.clone())
+            .unwrap_or_default()
     }
 
     /// Stores a value on the transaction, one per type (a second value of the
@@ -293,19 +355,17 @@ impl Transaction {
         self.inner
             .state
             .lock()
+            .extras()
             .data
             .insert(TypeId::of::<T>(), Arc::new(value));
     }
 
     /// The value of type `T` stored with [`set_data`](Self::set_data).
     pub fn data<T: Any + Send + Sync>(&self) -> Option<Arc<T>> {
-        let value = self
-            .inner
-            .state
-            .lock()
-            .data
-            .get(&TypeId::of::<T>())?
-            .clone();
+        let value = {
+            let st = self.inner.state.lock();
+            st.extras.as_ref()?.data.get(&TypeId::of::<T>())?.clone()
+        };
         value.downcast::<T>().ok()
     }
 
@@ -316,23 +376,43 @@ impl Transaction {
         &self,
         f: impl FnOnce(&Transaction) -> Result<()> + Send + 'static,
     ) {
-        self.inner.state.lock().before_commit.push_back(Box::new(f));
+        self.inner
+            .state
+            .lock()
+            .extras()
+            .before_commit
+            .push_back(Box::new(f));
     }
 
     /// Adds a hook run after a commit attempt with `true` on success and
     /// `false` on failure. A panic is logged; the other hooks still run.
     pub fn add_after_commit_hook(&self, f: impl FnOnce(bool, &Transaction) + Send + 'static) {
-        self.inner.state.lock().after_commit.push_back(Box::new(f));
+        self.inner
+            .state
+            .lock()
+            .extras()
+            .after_commit
+            .push_back(Box::new(f));
     }
 
     /// Adds a hook run by `abort()` before the resources are aborted.
     pub fn add_before_abort_hook(&self, f: impl FnOnce(&Transaction) + Send + 'static) {
-        self.inner.state.lock().before_abort.push_back(Box::new(f));
+        self.inner
+            .state
+            .lock()
+            .extras()
+            .before_abort
+            .push_back(Box::new(f));
     }
 
     /// Adds a hook run by `abort()` after the resources are aborted.
     pub fn add_after_abort_hook(&self, f: impl FnOnce(&Transaction) + Send + 'static) {
-        self.inner.state.lock().after_abort.push_back(Box::new(f));
+        self.inner
+            .state
+            .lock()
+            .extras()
+            .after_abort
+            .push_back(Box::new(f));
     }
 
     /// Commits: see the crate documentation for the exact protocol.
@@ -346,7 +426,7 @@ impl Transaction {
         let _entered = self.inner.span.enter();
         {
             let mut st = self.inner.state.lock();
-            match st.status {
+            match self.status() {
                 Status::Active => {}
                 Status::Doomed => return Err(Error::Doomed),
                 Status::CommitFailed => return Err(Error::CommitFailed),
@@ -359,7 +439,7 @@ impl Transaction {
 
         // Before-commit hooks, FIFO; hooks added meanwhile run too.
         loop {
-            let hook = self.inner.state.lock().before_commit.pop_front();
+            let hook = self.inner.state.lock().pop_hook(|e| &mut e.before_commit);
             let Some(hook) = hook else { break };
             match catch_unwind(AssertUnwindSafe(|| hook(self))) {
                 Ok(Ok(())) => {}
@@ -383,9 +463,9 @@ impl Transaction {
 
         let mut resources = {
             let mut st = self.inner.state.lock();
-            if st.status != Status::Active {
+            if self.status() != Status::Active {
                 // A hook or synchronizer doomed (or otherwise ended) it.
-                let status = st.status;
+                let status = self.status();
                 drop(st);
                 let err = match status {
                     Status::Doomed => Error::Doomed,
@@ -395,11 +475,13 @@ impl Transaction {
                 self.synchs_after_completion();
                 return Err(err);
             }
-            st.status = Status::Committing;
+            self.set_status(Status::Committing);
             std::mem::take(&mut st.resources)
         };
         // Stable: ties keep join order.
-        resources.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));
+        if !resources.is_sorted_by(|a, b| a.sort_key() <= b.sort_key()) {
+            resources.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));
+        }
 
         let outcome = self.run_protocol(&resources);
         self.inner.state.lock().resources = resources;
@@ -416,7 +498,7 @@ impl Transaction {
             Err(err) => {
                 {
                     let mut st = self.inner.state.lock();
-                    st.status = Status::CommitFailed;
+                    self.set_status(Status::CommitFailed);
                     st.resources_ended = true;
                 }
                 debug!(error = %err, "commit failed");
@@ -431,7 +513,7 @@ impl Transaction {
     fn fail_before_protocol(&self, err: Error) -> Error {
         let resources = {
             let mut st = self.inner.state.lock();
-            st.status = Status::CommitFailed;
+            self.set_status(Status::CommitFailed);
             st.resources_ended = true;
             st.resources.clone()
         };
@@ -486,14 +568,20 @@ impl Transaction {
             _ => false,
         };
 
-        let mut committed: Vec<String> = Vec::new();
-        let mut failed: Vec<String> = Vec::new();
-        for dm in resources.iter().filter(|dm| !dm.can_prepare()) {
+        // Indices of the resources that failed after the decision; the names
+        // are only built for a heuristic report (no allocation on success).
+        let mut failed: Vec<usize> = Vec::new();
+        let mut last_committed = false;
+        for (i, dm) in resources
+            .iter()
+            .enumerate()
+            .filter(|(_, dm)| !dm.can_prepare())
+        {
             let result = call(dm, Phase::TpcVote, || dm.tpc_vote(self))
                 .and_then(|()| call(dm, Phase::TpcFinish, || dm.tpc_finish(self)));
             match result {
-                Ok(()) => committed.push(dm.sort_key().to_owned()),
-                Err(err) if committed.is_empty() => {
+                Ok(()) => last_committed = true,
+                Err(err) if !last_committed => {
                     // The first last resource refused: nothing is decided yet.
                     if logged {
                         if let Some(log) = &log {
@@ -509,18 +597,19 @@ impl Transaction {
                     if let Err(cleanup) = call(dm, Phase::TpcAbort, || dm.tpc_abort(self)) {
                         error!(resource = dm.sort_key(), error = %cleanup, "tpc_abort failed");
                     }
-                    failed.push(dm.sort_key().to_owned());
+                    failed.push(i);
                 }
             }
         }
 
-        for dm in resources.iter().filter(|dm| dm.can_prepare()) {
-            match call(dm, Phase::TpcFinish, || dm.tpc_finish(self)) {
-                Ok(()) => committed.push(dm.sort_key().to_owned()),
-                Err(err) => {
-                    error!(resource = dm.sort_key(), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recover()");
-                    failed.push(dm.sort_key().to_owned());
-                }
+        for (i, dm) in resources
+            .iter()
+            .enumerate()
+            .filter(|(_, dm)| dm.can_prepare())
+        {
+            if let Err(err) = call(dm, Phase::TpcFinish, || dm.tpc_finish(self)) {
+                error!(resource = dm.sort_key(), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recover()");
+                failed.push(i);
             }
         }
 
@@ -536,6 +625,25 @@ impl Transaction {
             }
             Ok(())
         } else {
+            // Reported in the order they were finished: last resources first.
+            let name = |i: usize| resources[i].sort_key().to_owned();
+            let order = resources
+                .iter()
+                .enumerate()
+                .filter(|(_, dm)| !dm.can_prepare())
+                .chain(
+                    resources
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, dm)| dm.can_prepare()),
+                )
+                .map(|(i, _)| i);
+            let committed: Vec<String> = order
+                .clone()
+                .filter(|i| !failed.contains(i))
+                .map(name)
+                .collect();
+            let failed: Vec<String> = order.filter(|i| failed.contains(i)).map(name).collect();
             error!(
                 ?committed,
                 ?failed,
@@ -548,12 +656,15 @@ impl Transaction {
     fn decision(&self, resources: &[Arc<dyn DataManager>]) -> Decision {
         let st = self.inner.state.lock();
         let participants = resources.iter().filter_map(|dm| dm.recovery_id()).collect();
-        let mut metadata = st.extension.clone();
-        if !st.user.is_empty() {
-            metadata.insert("user".to_owned(), st.user.clone());
-        }
-        if !st.description.is_empty() {
-            metadata.insert("description".to_owned(), st.description.clone());
+        let mut metadata = BTreeMap::new();
+        if let Some(extras) = &st.extras {
+            metadata = extras.extension.clone();
+            if !extras.user.is_empty() {
+                metadata.insert("user".to_owned(), extras.user.clone());
+            }
+            if !extras.description.is_empty() {
+                metadata.insert("description".to_owned(), extras.description.clone());
+            }
         }
         Decision::new(self.inner.id, participants, metadata)
     }
@@ -587,14 +698,9 @@ impl Transaction {
     /// already committed or aborted.
     pub fn abort(&self) -> Result<()> {
         let _entered = self.inner.span.enter();
-        {
-            let st = self.inner.state.lock();
-            match st.status {
-                Status::Active | Status::Doomed | Status::CommitFailed => {}
-                Status::Committing | Status::Committed | Status::Aborted => {
-                    return Err(Error::Closed)
-                }
-            }
+        match self.status() {
+            Status::Active | Status::Doomed | Status::CommitFailed => {}
+            Status::Committing | Status::Committed | Status::Aborted => return Err(Error::Closed),
         }
         // As ZODB: before-abort hooks first, then the synchronizers.
         self.run_abort_hooks(true);
@@ -630,24 +736,28 @@ impl Transaction {
 
     fn finish_status(&self, status: Status) {
         let mut st = self.inner.state.lock();
-        st.status = status;
+        self.set_status(status);
         st.savepoints.clear();
-        st.before_commit.clear();
-        if status == Status::Committed {
-            st.before_abort.clear();
-            st.after_abort.clear();
+        if let Some(extras) = st.extras.as_deref_mut() {
+            extras.before_commit.clear();
+            if status == Status::Committed {
+                extras.before_abort.clear();
+                extras.after_abort.clear();
+            }
         }
     }
 
     /// Drops the typed data once hooks and synchronizers no longer need it
     /// (ZODB too frees it only after the after-commit hooks).
     fn clear_data(&self) {
-        self.inner.state.lock().data.clear();
+        if let Some(extras) = self.inner.state.lock().extras.as_deref_mut() {
+            extras.data.clear();
+        }
     }
 
     fn run_after_commit_hooks(&self, ok: bool) {
         loop {
-            let hook = self.inner.state.lock().after_commit.pop_front();
+            let hook = self.inner.state.lock().pop_hook(|e| &mut e.after_commit);
             let Some(hook) = hook else { break };
             run_guarded("after-commit", || hook(ok, self));
         }
@@ -658,9 +768,9 @@ impl Transaction {
             let hook = {
                 let mut st = self.inner.state.lock();
                 if before {
-                    st.before_abort.pop_front()
+                    st.pop_hook(|e| &mut e.before_abort)
                 } else {
-                    st.after_abort.pop_front()
+                    st.pop_hook(|e| &mut e.after_abort)
                 }
             };
             let Some(hook) = hook else { break };
@@ -676,14 +786,18 @@ impl Transaction {
     }
 
     fn synchs_before_completion(&self) {
-        for s in self.inner.shared.synchs().iter() {
-            run_guarded("synchronizer", || s.before_completion(self));
+        if let Some(synchs) = self.inner.shared.synchs_if_any() {
+            for s in synchs.iter() {
+                run_guarded("synchronizer", || s.before_completion(self));
+            }
         }
     }
 
     fn synchs_after_completion(&self) {
-        for s in self.inner.shared.synchs().iter() {
-            run_guarded("synchronizer", || s.after_completion(self));
+        if let Some(synchs) = self.inner.shared.synchs_if_any() {
+            for s in synchs.iter() {
+                run_guarded("synchronizer", || s.after_completion(self));
+            }
         }
     }
 
@@ -716,7 +830,7 @@ impl Transaction {
     fn make_savepoint(&self, optimistic: bool) -> Result<Savepoint> {
         let resources = {
             let st = self.inner.state.lock();
-            match st.status {
+            match self.status() {
                 Status::Active | Status::Doomed => {}
                 Status::CommitFailed => return Err(Error::CommitFailed),
                 Status::Committing | Status::Committed | Status::Aborted => {
@@ -747,9 +861,16 @@ impl Transaction {
         Ok(Savepoint::new(self.clone(), id, entries, resources.len()))
     }
 
+    pub(crate) fn forget_savepoint(&self, id: u64) {
+        let mut st = self.inner.state.lock();
+        if let Some(pos) = st.savepoints.iter().rposition(|&s| s == id) {
+            st.savepoints.remove(pos);
+        }
+    }
+
     pub(crate) fn savepoint_is_valid(&self, id: u64) -> bool {
         let st = self.inner.state.lock();
-        matches!(st.status, Status::Active | Status::Doomed) && st.savepoints.contains(&id)
+        matches!(self.status(), Status::Active | Status::Doomed) && st.savepoints.contains(&id)
     }
 
     /// Rolls back to savepoint `id`; see [`Savepoint::rollback`].
@@ -762,7 +883,7 @@ impl Transaction {
         let _entered = self.inner.span.enter();
         let joined_after = {
             let mut st = self.inner.state.lock();
-            match st.status {
+            match self.status() {
                 Status::Active | Status::Doomed => {}
                 Status::CommitFailed => return Err(Error::CommitFailed),
                 _ => return Err(Error::InvalidSavepoint),
@@ -796,7 +917,8 @@ impl Transaction {
             None => Ok(()),
             Some(err) => {
                 error!(error = %err, "savepoint rollback failed; the transaction can only be aborted");
-                self.inner.state.lock().status = Status::CommitFailed;
+                let _st = self.inner.state.lock();
+                self.set_status(Status::CommitFailed);
                 Err(err)
             }
         }
