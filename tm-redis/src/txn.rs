@@ -1354,3 +1354,46 @@ impl RedisHandle {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_tag_follows_redis_cluster_rules() {
+        assert_eq!(hash_tag(b"{u1}:a"), Some(&b"u1"[..]));
+        assert_eq!(hash_tag(b"a{u1}b{u2}"), Some(&b"u1"[..]));
+        assert_eq!(hash_tag(b"{}:a"), None);
+        assert_eq!(hash_tag(b"a}{"), None);
+        assert_eq!(hash_tag(b"plain"), None);
+    }
+
+    #[test]
+    fn key_list_round_trips_and_refuses_garbage() {
+        let keys = vec![b"".to_vec(), (0..=255).collect(), b"k".to_vec()];
+        let blob = encode_keys(1, &keys);
+        assert_eq!(decode_keys(&blob), Some((1, keys)));
+        assert_eq!(decode_keys(&blob[..blob.len() - 1]), None);
+        assert_eq!(decode_keys(b"junk"), None);
+        assert_eq!(decode_keys(&encode_keys(3, &[b"a".to_vec()])), None);
+    }
+
+    #[test]
+    fn integers_parse_like_redis() {
+        assert_eq!(parse_redis_int("0"), Some(0));
+        assert_eq!(parse_redis_int("-9223372036854775808"), Some(i64::MIN));
+        for bad in [
+            "",
+            "-",
+            "-0",
+            "+1",
+            "01",
+            " 1",
+            "1 ",
+            "9223372036854775808",
+            "1e3",
+        ] {
+            assert_eq!(parse_redis_int(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -260,8 +260,8 @@ local function prepare(keys, args)
     local txid = args[1]
     local nread = tonumber(args[2])
     if redis.call('EXISTS', keys[1], keys[2]) > 0 then
-        if redis.call('EXISTS', keys[2]) > 0 then return redis.error_reply('TXABORTED') end
-        return redis.error_reply('TXPREPARED')
+        if redis.call('EXISTS', keys[2]) > 0 then return redis.error_reply('TXABORTED the transaction was aborted') end
+        return redis.error_reply('TXPREPARED the transaction is already prepared')
     end
     local refused = check_locks(2, nread, txid) or validate(2, args, 4)
     if refused then return redis.error_reply(refused) end

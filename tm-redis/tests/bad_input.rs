@@ -1,0 +1,344 @@
+//! Bad input: unreachable servers, writes that cannot run, odd keys and
+//! values, big values.
+
+use std::time::Duration;
+
+use tm_core::testing::{CallLog, TestDataManager};
+use tm_core::{Error as TmError, TransactionManager};
+use tm_redis::testing::TestServer;
+use tm_redis::{Error, Options, Store};
+
+fn redis_error(err: &TmError) -> &Error {
+    match err {
+        TmError::Resource { source, .. } => {
+            source.downcast_ref::<Error>().expect("a tm-redis error")
+        }
+        other => panic!("not a resource error: {other:?}"),
+    }
+}
+
+/// Commits `stage` on `store`, one-phase or (with a second resource)
+/// two-phase; aborts on failure.
+fn commit_with(
+    store: &Store,
+    two_phase: bool,
+    stage: impl Fn(&tm_redis::RedisHandle),
+) -> Result<(), TmError> {
+    let tm = TransactionManager::explicit();
+    let txn = tm.begin()?;
+    stage(&store.join(&txn)?);
+    if two_phase {
+        txn.join(TestDataManager::new("zz-other", &CallLog::new()))?;
+    }
+    let result = tm.commit();
+    if result.is_err() {
+        tm.abort()?;
+    }
+    result
+}
+
+#[test]
+fn unreachable_server_fails_open_naming_the_url() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let err = Store::open_with(
+        &url,
+        Options::default().connect_timeout(Duration::from_millis(300)),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(err.is_connection_refusal(), "{err}");
+    assert!(err.to_string().contains(&url), "{err}");
+    assert!(err.is_retryable());
+}
+
+#[test]
+fn password_is_not_shown_in_errors() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = Store::open(&format!("redis://user:secret@127.0.0.1:{port}/")).unwrap_err();
+    assert!(!err.to_string().contains("secret"), "{err}");
+}
+
+#[test]
+fn not_a_url_is_an_invalid_argument() {
+    let err = Store::open("http://nope").unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+}
+
+#[test]
+fn wrongtype_write_is_caught_at_vote_and_nothing_is_written() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    redis::cmd("SET")
+        .arg("s")
+        .arg("string")
+        .exec(&mut server.connection())
+        .unwrap();
+    for two_phase in [false, true] {
+        let err = commit_with(&store, two_phase, |r| {
+            r.set("first", "written?").unwrap();
+            r.lpush("s", "x").unwrap();
+        })
+        .unwrap_err();
+        let e = redis_error(&err);
+        assert!(matches!(e, Error::Invalid { op: 2, .. }), "{e}");
+        assert!(
+            e.to_string().contains("WRONGTYPE") && e.to_string().contains("LPUSH"),
+            "{e}"
+        );
+        assert!(!e.is_retryable());
+        assert_eq!(
+            store.get::<String>("first").unwrap(),
+            None,
+            "validated before the first write"
+        );
+    }
+}
+
+#[test]
+fn validation_simulates_the_staged_commands_in_order() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    redis::cmd("SET")
+        .arg("k")
+        .arg("string")
+        .exec(&mut server.connection())
+        .unwrap();
+    // DEL then HSET is valid...
+    commit_with(&store, true, |r| {
+        r.del("k").unwrap();
+        r.hset("k", "f", "v").unwrap();
+    })
+    .unwrap();
+    // ...SET then HSET is not.
+    let err = commit_with(&store, true, |r| {
+        r.set("k2", "v").unwrap();
+        r.hset("k2", "f", "v").unwrap();
+    })
+    .unwrap_err();
+    assert!(
+        matches!(redis_error(&err), Error::Invalid { op: 2, .. }),
+        "{err}"
+    );
+    assert_eq!(store.get::<String>("k2").unwrap(), None);
+}
+
+#[test]
+fn out_of_range_incrby_is_caught_at_vote() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    let mut con = server.connection();
+    redis::cmd("SET")
+        .arg("max")
+        .arg(i64::MAX - 1)
+        .exec(&mut con)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("min")
+        .arg(i64::MIN + 1)
+        .exec(&mut con)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("text")
+        .arg("12abc")
+        .exec(&mut con)
+        .unwrap();
+    redis::cmd("SET")
+        .arg("big")
+        .arg("9223372036854775808")
+        .exec(&mut con)
+        .unwrap();
+    for two_phase in [false, true] {
+        for (key, by) in [
+            ("max", 2),
+            ("min", -2),
+            ("text", 1),
+            ("big", 0),
+            ("max", i64::MAX),
+        ] {
+            let err = commit_with(&store, two_phase, |r| r.incr_by(key, by).unwrap()).unwrap_err();
+            assert!(
+                matches!(redis_error(&err), Error::Invalid { .. }),
+                "{key} {by}: {err}"
+            );
+        }
+        // Two increments that overflow only together.
+        let err = commit_with(&store, two_phase, |r| {
+            r.incr_by("fresh", i64::MAX).unwrap();
+            r.incr_by("fresh", 1).unwrap();
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("overflow"), "{err}");
+    }
+    // The exact edges are fine.
+    commit_with(&store, true, |r| {
+        r.incr_by("max", 1).unwrap();
+        r.incr_by("min", -1).unwrap();
+        r.incr_by("edge", i64::MIN).unwrap();
+        r.incr_by("neg", -5).unwrap();
+        r.incr_by("neg", 3).unwrap();
+    })
+    .unwrap();
+    assert_eq!(store.get::<i64>("max").unwrap(), Some(i64::MAX));
+    assert_eq!(store.get::<i64>("min").unwrap(), Some(i64::MIN));
+    assert_eq!(store.get::<i64>("edge").unwrap(), Some(i64::MIN));
+    assert_eq!(store.get::<i64>("neg").unwrap(), Some(-2));
+}
+
+#[test]
+fn empty_key_and_empty_value_work() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    for two_phase in [false, true] {
+        commit_with(&store, two_phase, |r| {
+            r.set("", "").unwrap();
+            r.hset("h", "", "").unwrap();
+        })
+        .unwrap();
+        assert_eq!(store.get::<Vec<u8>>("").unwrap(), Some(Vec::new()));
+    }
+    let tm = TransactionManager::explicit();
+    tm.run(|txn| {
+        let r = store.join(txn)?;
+        assert_eq!(r.get::<Vec<u8>>("")?, Some(Vec::new()));
+        r.set("", "again")?;
+        Ok::<_, TmError>(())
+    })
+    .unwrap();
+    assert_eq!(store.get::<String>("").unwrap().as_deref(), Some("again"));
+}
+
+#[test]
+fn keys_and_values_with_all_256_byte_values_round_trip() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    let all: Vec<u8> = (0..=255).collect();
+    for two_phase in [false, true] {
+        let tag = if two_phase { b"2" } else { b"1" };
+        commit_with(&store, two_phase, |r| {
+            let mut key = tag.to_vec();
+            key.extend_from_slice(&all);
+            r.set(&key, all.as_slice()).unwrap();
+            for b in 0..=255u8 {
+                r.set([tag[0], b], &[b, b'{', b'}', b]).unwrap();
+                r.hset(b"hash", [tag[0], b], vec![b; 3]).unwrap();
+            }
+        })
+        .unwrap();
+        let mut key = tag.to_vec();
+        key.extend_from_slice(&all);
+        assert_eq!(store.get::<Vec<u8>>(&key).unwrap(), Some(all.clone()));
+        for b in 0..=255u8 {
+            assert_eq!(
+                store.get::<Vec<u8>>([tag[0], b]).unwrap(),
+                Some(vec![b, b'{', b'}', b])
+            );
+        }
+        let field: Vec<u8> = redis::cmd("HGET")
+            .arg("hash")
+            .arg(&[tag[0], 0xff][..])
+            .query(&mut server.connection())
+            .unwrap();
+        assert_eq!(field, vec![0xff; 3]);
+    }
+    let mut con = server.connection();
+    let left: Vec<Vec<u8>> = redis::cmd("KEYS").arg("tm:*").query(&mut con).unwrap();
+    assert!(left.is_empty());
+}
+
+#[test]
+fn one_mebibyte_value_round_trips() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let value: Vec<u8> = (0..1 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for two_phase in [false, true] {
+        let key = format!("big{two_phase}");
+        commit_with(&store, two_phase, |r| {
+            r.set(&key, value.as_slice()).unwrap()
+        })
+        .unwrap();
+        assert_eq!(
+            store.get::<Vec<u8>>(&key).unwrap().as_deref(),
+            Some(value.as_slice())
+        );
+    }
+}
+
+#[test]
+fn queued_command_failing_at_apply_is_reported_as_partial() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    redis::cmd("SET")
+        .arg("text")
+        .arg("abc")
+        .exec(&mut server.connection())
+        .unwrap();
+    // One phase: the failure is the commit's error.
+    let err = commit_with(&store, false, |r| {
+        r.set("applied", "1").unwrap();
+        r.queue(redis::cmd("INCR").arg("text"), &["text"]).unwrap();
+    })
+    .unwrap_err();
+    assert!(
+        matches!(redis_error(&err), Error::PartialApply { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        store.get::<String>("applied").unwrap().as_deref(),
+        Some("1")
+    );
+    // Two phase: it happens after the decision, so it is heuristic.
+    let err = commit_with(&store, true, |r| {
+        r.set("applied2", "1").unwrap();
+        r.queue(redis::cmd("INCR").arg("text"), &["text"]).unwrap();
+    })
+    .unwrap_err();
+    assert!(err.is_heuristic(), "{err}");
+    assert_eq!(
+        store.get::<String>("applied2").unwrap().as_deref(),
+        Some("1")
+    );
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("tm:*")
+        .query(&mut server.connection())
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn invalid_arguments_are_refused_at_once() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    let tm = TransactionManager::explicit();
+    let txn = tm.begin().unwrap();
+    let r = store.join(&txn).unwrap();
+    assert!(matches!(
+        r.zadd("z", "m", f64::NAN),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        r.set_ex("k", "v", Duration::ZERO),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        r.queue(&redis::Cmd::new(), &["k"]),
+        Err(Error::InvalidArgument(_))
+    ));
+    tm.abort().unwrap();
+}
