@@ -1,4 +1,10 @@
-//! tm facade
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
 pub use tm_core::*;
-pub use tm_redis as redis;
+
+/// SQLite as a transaction participant: [`tm_sqlite`].
 pub use tm_sqlite as sqlite;
+
+/// Redis as a durable, preparable participant: [`tm_redis`].
+pub use tm_redis as redis;
