@@ -138,6 +138,30 @@ impl PartialEq for Transaction {
 }
 impl Eq for Transaction {}
 
+impl Drop for Transaction {
+    /// The last handle of an unfinished transaction aborts it, so that no
+    /// resource is left holding a connection, a lock or staged writes (a
+    /// thread that ends inside a transaction, a forgotten handle). The
+    /// manager keeps a handle on its current transaction, so this happens
+    /// only once that one is gone too.
+    fn drop(&mut self) {
+        // No `Weak` handles exist: a strong count of one means this is the
+        // last handle, and nobody can clone it concurrently.
+        if Arc::strong_count(&self.inner) != 1 {
+            return;
+        }
+        if matches!(
+            self.status(),
+            Status::Active | Status::Doomed | Status::CommitFailed
+        ) {
+            warn!(txn = %self.inner.id, "the last handle of an unfinished transaction was dropped; aborting it");
+            if let Err(err) = self.abort() {
+                error!(txn = %self.inner.id, error = %err, "abort of a dropped transaction failed");
+            }
+        }
+    }
+}
+
 /// Runs one protocol call on one resource, turning a panic into
 /// [`Error::Panicked`] so that the other resources still get their ending.
 fn call(dm: &Arc<dyn DataManager>, phase: Phase, f: impl FnOnce() -> Result<()>) -> Result<()> {

@@ -396,3 +396,54 @@ fn errors_about_a_resource_name_it_and_the_phase() {
     assert!(std::error::Error::source(&err).is_some(), "source kept");
     assert!(!Error::Doomed.is_retryable());
 }
+
+#[test]
+fn a_thread_that_ends_inside_a_transaction_aborts_it() {
+    let log = CallLog::new();
+    let dm = TestDataManager::new("a", &log);
+    let (txid, joined) = std::thread::spawn({
+        let dm = dm.clone();
+        move || {
+            let txn = tm_core::begin().unwrap();
+            txn.join(dm).unwrap();
+            (txn.id(), txn.status())
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(joined, Status::Active);
+    assert_eq!(log.entries(), seq(&[("a", Phase::Abort)]), "{txid}");
+}
+
+#[test]
+fn dropping_the_last_handle_of_an_unfinished_transaction_aborts_it() {
+    let log = CallLog::new();
+    let tm = tm();
+    let txn = tm.begin().unwrap();
+    txn.join(TestDataManager::new("a", &log)).unwrap();
+    let kept = txn.clone();
+    drop(txn);
+    assert!(log.entries().is_empty(), "a handle is still alive");
+    // The manager holds the current one: begin() elsewhere is refused, the
+    // transaction lives on until it is ended.
+    assert!(matches!(tm.begin(), Err(Error::AlreadyInTransaction)));
+    kept.abort().unwrap();
+    assert_eq!(log.entries(), seq(&[("a", Phase::Abort)]));
+    drop(kept);
+    assert_eq!(
+        log.entries().len(),
+        1,
+        "a finished transaction is not aborted again"
+    );
+}
+
+#[test]
+fn a_committed_transaction_is_not_aborted_when_dropped() {
+    let log = CallLog::new();
+    let tm = tm();
+    let txn = tm.begin().unwrap();
+    txn.join(TestDataManager::new("a", &log)).unwrap();
+    txn.commit().unwrap();
+    drop(txn);
+    assert_eq!(log.entries(), seq(&[("a", Phase::CommitOnePhase)]));
+}
