@@ -43,6 +43,10 @@ impl Shared {
         self.synchs.read().clone()
     }
 
+    pub(crate) fn has_synchs(&self) -> bool {
+        self.has_synchs.load(Ordering::Acquire)
+    }
+
     pub(crate) fn synchs_if_any(&self) -> Option<Arc<[Arc<dyn Synchronizer>]>> {
         if self.has_synchs.load(Ordering::Acquire) {
             Some(self.synchs())

@@ -448,7 +448,9 @@ impl Transaction {
     /// [`Error::Heuristic`] after the decision.
     pub fn commit(&self) -> Result<()> {
         let _entered = self.inner.span.enter();
-        {
+        // Fast path: with no hooks and no synchronizer, one lock takes the
+        // transaction from Active to Committing.
+        let taken = {
             let mut st = self.inner.state.lock();
             match self.status() {
                 Status::Active => {}
@@ -459,8 +461,72 @@ impl Transaction {
                 }
             }
             st.savepoints.clear();
+            if st.extras.is_none() && !self.inner.shared.has_synchs() {
+                self.set_status(Status::Committing);
+                Some(std::mem::take(&mut st.resources))
+            } else {
+                None
+            }
+        };
+        let mut resources = match taken {
+            Some(resources) => resources,
+            None => match self.commit_preamble() {
+                Ok(resources) => resources,
+                Err(err) => return Err(err),
+            },
+        };
+        // Stable: ties keep join order.
+        if !resources.is_sorted_by(|a, b| a.sort_key() <= b.sort_key()) {
+            resources.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));
         }
 
+        let outcome = self.run_protocol(&resources);
+        match outcome {
+            Ok(()) => {
+                let has_extras = {
+                    let mut st = self.inner.state.lock();
+                    st.resources = resources;
+                    self.set_status(Status::Committed);
+                    st.savepoints.clear();
+                    match st.extras.as_deref_mut() {
+                        Some(extras) => {
+                            extras.before_commit.clear();
+                            extras.before_abort.clear();
+                            extras.after_abort.clear();
+                            true
+                        }
+                        None => false,
+                    }
+                };
+                debug!("committed");
+                if has_extras {
+                    self.run_after_commit_hooks(true);
+                }
+                self.synchs_after_completion();
+                if has_extras {
+                    self.clear_data();
+                }
+                self.inner.shared.forget(self);
+                Ok(())
+            }
+            Err(err) => {
+                {
+                    let mut st = self.inner.state.lock();
+                    st.resources = resources;
+                    self.set_status(Status::CommitFailed);
+                    st.resources_ended = true;
+                }
+                debug!(error = %err, "commit failed");
+                self.run_after_commit_hooks(false);
+                self.synchs_after_completion();
+                Err(err)
+            }
+        }
+    }
+
+    /// Before-commit hooks and synchronizers' `before_completion`, then
+    /// Committing: the resources to commit, or the commit's failure.
+    fn commit_preamble(&self) -> Result<Vec<Arc<dyn DataManager>>> {
         // Before-commit hooks, FIFO; hooks added meanwhile run too.
         loop {
             let hook = self.inner.state.lock().pop_hook(|e| &mut e.before_commit);
@@ -485,52 +551,21 @@ impl Transaction {
 
         self.synchs_before_completion();
 
-        let mut resources = {
-            let mut st = self.inner.state.lock();
-            if self.status() != Status::Active {
-                // A hook or synchronizer doomed (or otherwise ended) it.
-                let status = self.status();
-                drop(st);
-                let err = match status {
-                    Status::Doomed => Error::Doomed,
-                    Status::CommitFailed => Error::CommitFailed,
-                    _ => Error::Closed,
-                };
-                self.synchs_after_completion();
-                return Err(err);
-            }
-            self.set_status(Status::Committing);
-            std::mem::take(&mut st.resources)
-        };
-        // Stable: ties keep join order.
-        if !resources.is_sorted_by(|a, b| a.sort_key() <= b.sort_key()) {
-            resources.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));
+        let mut st = self.inner.state.lock();
+        if self.status() != Status::Active {
+            // A hook or synchronizer doomed (or otherwise ended) it.
+            let status = self.status();
+            drop(st);
+            let err = match status {
+                Status::Doomed => Error::Doomed,
+                Status::CommitFailed => Error::CommitFailed,
+                _ => Error::Closed,
+            };
+            self.synchs_after_completion();
+            return Err(err);
         }
-
-        let outcome = self.run_protocol(&resources);
-        self.inner.state.lock().resources = resources;
-        match outcome {
-            Ok(()) => {
-                self.finish_status(Status::Committed);
-                debug!("committed");
-                self.run_after_commit_hooks(true);
-                self.synchs_after_completion();
-                self.clear_data();
-                self.inner.shared.forget(self);
-                Ok(())
-            }
-            Err(err) => {
-                {
-                    let mut st = self.inner.state.lock();
-                    self.set_status(Status::CommitFailed);
-                    st.resources_ended = true;
-                }
-                debug!(error = %err, "commit failed");
-                self.run_after_commit_hooks(false);
-                self.synchs_after_completion();
-                Err(err)
-            }
-        }
+        self.set_status(Status::Committing);
+        Ok(std::mem::take(&mut st.resources))
     }
 
     /// A failure before any resource's `tpc_begin`: every resource gets `abort`.
