@@ -470,10 +470,7 @@ impl Transaction {
         };
         let mut resources = match taken {
             Some(resources) => resources,
-            None => match self.commit_preamble() {
-                Ok(resources) => resources,
-                Err(err) => return Err(err),
-            },
+            None => self.commit_preamble()?,
         };
         // Stable: ties keep join order.
         if !resources.is_sorted_by(|a, b| a.sort_key() <= b.sort_key()) {
