@@ -22,7 +22,7 @@
 //!
 //! A resource whose `tpc_finish` fails *after the decision* gets no ending in
 //! this process: it stays prepared (in doubt), is named in
-//! [`Error::Heuristic`](crate::Error::Heuristic), and is finished later by
+//! [`Error::Heuristic`], and is finished later by
 //! [`recover`](crate::recover). tm never rolls back a participant after the
 //! decision.
 //!
@@ -40,7 +40,7 @@
 //! 6. `tpc_finish` on every other resource.
 //!
 //! Panics in any of these methods are caught and treated as an error of that
-//! resource in that phase ([`Error::Panicked`](crate::Error::Panicked)).
+//! resource in that phase ([`Error::Panicked`]).
 //!
 //! # Threads
 //!
