@@ -209,9 +209,21 @@ local function validate(base, ops, first)
 end
 
 -- Runs the write-set; a failing command (only a queued one can fail after
--- validation) does not stop the others. Returns the failures.
+-- validation) does not stop the others. Returns the failures. Runs of plain
+-- SETs go out as one MSET (same effect, one call instead of many).
 local function run_ops(base, ops, first)
     local failures = {}
+    local mset = {}
+    local mset_first = 0
+    local function flush()
+        if #mset > 0 then
+            local res = redis.pcall('MSET', unpack(mset))
+            if type(res) == 'table' and res.err then
+                failures[#failures + 1] = mset_first .. ' ' .. res.err
+            end
+            mset = {}
+        end
+    end
     local i = first
     local n = 0
     while i <= #ops do
@@ -220,17 +232,25 @@ local function run_ops(base, ops, first)
         local nkeys = tonumber(ops[i + 1])
         local a = i + 3 + nkeys
         local nargs = tonumber(ops[a - 1])
-        local res
-        if name == '*' then
-            res = redis.pcall(unpack(ops, a, a + nargs - 1))
+        if name == 'SET' and nargs == 1 and #mset < 1000 then
+            if #mset == 0 then mset_first = n end
+            mset[#mset + 1] = data_key(base, tonumber(ops[i + 2]))
+            mset[#mset + 1] = ops[a]
         else
-            res = redis.pcall(name, data_key(base, tonumber(ops[i + 2])), unpack(ops, a, a + nargs - 1))
-        end
-        if type(res) == 'table' and res.err then
-            failures[#failures + 1] = n .. ' ' .. res.err
+            flush()
+            local res
+            if name == '*' then
+                res = redis.pcall(unpack(ops, a, a + nargs - 1))
+            else
+                res = redis.pcall(name, data_key(base, tonumber(ops[i + 2])), unpack(ops, a, a + nargs - 1))
+            end
+            if type(res) == 'table' and res.err then
+                failures[#failures + 1] = n .. ' ' .. res.err
+            end
         end
         i = a + nargs
     end
+    flush()
     return failures
 end
 
