@@ -69,3 +69,33 @@ pub fn pool_is_clean(db: &Database) -> bool {
     let idle = db.idle_connections();
     (0..idle.max(1)).all(|_| db.with_connection(|c| Ok(c.is_autocommit())).unwrap())
 }
+
+/// The environment variable that tells a re-spawned test binary to play a
+/// child's part (sled's crash-test pattern).
+pub const CHILD_ENV: &str = "TM_SQLITE_TEST_CHILD";
+
+/// The database path a child should use, when this process is one.
+pub fn child_role() -> Option<PathBuf> {
+    std::env::var_os(CHILD_ENV).map(PathBuf::from)
+}
+
+/// This test binary, re-run as a child executing only `test_name`.
+pub fn child(test_name: &str, db_path: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, db_path);
+    cmd
+}
+
+/// `n` increments of the counter, each its own transaction through `tm.run`.
+pub fn increment(db: &Database, tm: &TransactionManager, n: usize) {
+    for _ in 0..n {
+        tm.run(|txn| {
+            let conn = db.join(txn)?;
+            let v: i64 = conn.query_row("SELECT n FROM counter WHERE id = 1", [], |r| r.get(0))?;
+            conn.execute("UPDATE counter SET n = ?1 WHERE id = 1", [v + 1])?;
+            Ok::<_, BoxError>(())
+        })
+        .expect("an increment failed after every retry");
+    }
+}
