@@ -46,14 +46,18 @@ end
 
 -- Lock check: no other transaction may hold a write lock on a key read or
 -- written, nor a read lock on a key written. Refuses at once (never waits).
-local function check_locks(base, nread, txid)
+local function check_locks(base, nread, txid, extra)
     local n = triples(base)
-    local probe = {}
+    local probe = extra or {}
     for j = 1, n do
         probe[#probe + 1] = wlock_key(base, j)
         if j > nread then probe[#probe + 1] = rlock_key(base, j) end
     end
     if count_existing(probe) == 0 then return nil end
+    if extra then
+        if redis.call('EXISTS', extra[2]) > 0 then return 'TXABORTED the transaction was aborted' end
+        if redis.call('EXISTS', extra[1]) > 0 then return 'TXPREPARED the transaction is already prepared' end
+    end
     for j = 1, n do
         local w = redis.call('GET', wlock_key(base, j))
         if w and w ~= txid then return 'TXCONFLICT ' .. j .. ' write ' .. w end
@@ -279,11 +283,9 @@ local function prepare(keys, args)
     K = keys
     local txid = args[1]
     local nread = tonumber(args[2])
-    if redis.call('EXISTS', keys[1], keys[2]) > 0 then
-        if redis.call('EXISTS', keys[2]) > 0 then return redis.error_reply('TXABORTED the transaction was aborted') end
-        return redis.error_reply('TXPREPARED the transaction is already prepared')
-    end
-    local refused = check_locks(2, nread, txid) or validate(2, args, 4)
+    -- One EXISTS probes the tombstone, the record and every lock at once.
+    local refused = check_locks(2, nread, txid, { keys[1], keys[2] })
+    if refused == nil then refused = validate(2, args, 4) end
     if refused then return redis.error_reply(refused) end
     local writes = {}
     local reads = {}
@@ -303,7 +305,7 @@ local function prepare(keys, args)
     end
     local ops = {}
     for k = 4, #args do ops[#ops + 1] = args[k] end
-    redis.call('HSET', keys[1], 't', txid, 'k', args[3], 'w', cmsgpack.pack(ops))
+    redis.call('HSET', keys[1], 'k', args[3], 'w', cmsgpack.pack(ops))
     return 1
 end
 
