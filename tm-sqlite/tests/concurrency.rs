@@ -53,7 +53,12 @@ fn two_processes_incrementing_1000_times_each_make_exactly_2000() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
     let children: Vec<_> = (0..2)
-        .map(|_| child(NAME, db.path()).spawn().expect("spawn a child"))
+        .map(|_| {
+            child(NAME, db.path())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn a child")
+        })
         .collect();
     for mut c in children {
         let status = c.wait().unwrap();
