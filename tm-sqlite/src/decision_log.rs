@@ -3,6 +3,9 @@
 //! ("logging last resource").
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use rusqlite::{params, Connection};
 use tm_core::{Decision, DecisionLog, Phase, TxId};
@@ -20,9 +23,21 @@ const INSERT: &str =
     "INSERT OR REPLACE INTO tm_decisions (txid, participants, metadata) VALUES (?1, ?2, ?3)";
 const DELETE: &str = "DELETE FROM tm_decisions WHERE txid = ?1";
 
+/// Forgotten decisions are deleted in batches of this many: a completed
+/// transaction then costs no extra SQLite write of its own. Rows of finished
+/// transactions that a crash leaves behind only make `recover` finish them
+/// again, which is idempotent.
+const FORGET_BATCH: usize = 64;
+
 /// A [`DecisionLog`] kept in the table `tm_decisions` of an SQLite
 /// [`Database`] (the table is created if missing; `participants` and
 /// `metadata` are JSON, readable with SQLite's JSON functions).
+///
+/// Forgetting a finished decision costs nothing per transaction: the rows
+/// are deleted 64 at a time (and by [`pending`](DecisionLog::pending) and
+/// when the last clone is dropped). A crash may leave rows of finished
+/// transactions behind; [`recover`](tm_core::recover) finds nothing in doubt
+/// for them and forgets them.
 ///
 /// **Logging last resource.** SQLite cannot prepare, so tm commits it last,
 /// after every other vote; its `COMMIT` is the decision. tm records the
@@ -60,6 +75,8 @@ const DELETE: &str = "DELETE FROM tm_decisions WHERE txid = ?1";
 #[derive(Debug, Clone)]
 pub struct SqliteDecisionLog {
     db: Database,
+    /// Decisions forgotten but not yet deleted (shared by clones).
+    forgotten: Arc<Mutex<Vec<String>>>,
 }
 
 impl SqliteDecisionLog {
@@ -74,7 +91,10 @@ impl SqliteDecisionLog {
     /// ```
     pub fn new(db: &Database) -> Result<Self, Error> {
         db.with_connection(|c| c.execute_batch(CREATE))?;
-        Ok(SqliteDecisionLog { db: db.clone() })
+        Ok(SqliteDecisionLog {
+            db: db.clone(),
+            forgotten: Arc::new(Mutex::new(Vec::new())),
+        })
     }
 
     /// The database holding the log.
@@ -110,6 +130,30 @@ impl SqliteDecisionLog {
             log: self.db.name().to_owned(),
             source: e.into(),
         }
+    }
+
+    /// Deletes the forgotten decisions' rows in one transaction; on failure
+    /// they stay queued for the next attempt.
+    fn flush_forgotten(&self) -> tm_core::Result<()> {
+        let batch = std::mem::take(&mut *self.forgotten.lock());
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let result = self.db.with_connection(|c| {
+            let tx = c.unchecked_transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(DELETE)?;
+                for key in &batch {
+                    stmt.execute([key])?;
+                }
+            }
+            tx.commit()
+        });
+        if let Err(e) = result {
+            self.forgotten.lock().extend(batch);
+            return Err(self.log_err(e));
+        }
+        Ok(())
     }
 
     fn sqlite_err(&self, phase: Phase, e: rusqlite::Error) -> tm_core::Error {
@@ -165,10 +209,19 @@ impl DecisionLog for SqliteDecisionLog {
                 return result.map_err(|e| self.sqlite_err(Phase::Abort, e));
             }
         }
-        self.db.with_connection(delete).map_err(|e| self.log_err(e))
+        let full = {
+            let mut queue = self.forgotten.lock();
+            queue.push(key);
+            queue.len() >= FORGET_BATCH
+        };
+        if full {
+            self.flush_forgotten()?;
+        }
+        Ok(())
     }
 
     fn pending(&self) -> tm_core::Result<Vec<Decision>> {
+        self.flush_forgotten()?;
         let rows = self
             .db
             .with_connection(|c| {
@@ -206,6 +259,18 @@ impl DecisionLog for SqliteDecisionLog {
                 Ok(Decision::new(txid, participants, metadata))
             })
             .collect()
+    }
+}
+
+impl Drop for SqliteDecisionLog {
+    fn drop(&mut self) {
+        // The last clone deletes what is still queued (best effort: a row
+        // left behind is harmless, see FORGET_BATCH).
+        if Arc::strong_count(&self.forgotten) == 1 {
+            if let Err(e) = self.flush_forgotten() {
+                tracing::warn!(log = self.db.name(), error = %e, "could not delete forgotten decisions");
+            }
+        }
     }
 }
 

@@ -200,3 +200,36 @@ fn without_sqlite_joined_the_decision_is_its_own_transaction() {
     assert_eq!(b.committed("k"), Some(2));
     assert!(pending_ids(&log).is_empty());
 }
+
+#[test]
+fn completed_decisions_are_deleted_in_batches_not_one_write_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let log = Arc::new(SqliteDecisionLog::new(&db).unwrap());
+    let tm = manager_with(&log);
+    let store = MemoryStore::<i64>::new();
+    let rows = || -> i64 {
+        db.with_connection(|c| c.query_row("SELECT count(*) FROM tm_decisions", [], |r| r.get(0)))
+            .unwrap()
+    };
+    let transfer = |i: i64| {
+        tm.run(|txn| {
+            insert(&*db.join(txn)?, &format!("row{i}"))?;
+            store.join(txn)?.put("k", i);
+            Ok::<_, BoxError>(())
+        })
+        .unwrap()
+    };
+    for i in 0..63 {
+        transfer(i);
+    }
+    // Forgotten, not yet deleted: no extra write per transaction.
+    assert_eq!(rows(), 63);
+    transfer(63);
+    assert_eq!(rows(), 0, "the 64th forget deletes the batch");
+    transfer(64);
+    assert_eq!(rows(), 1);
+    // pending() never reports a forgotten decision.
+    assert!(pending_ids(&log).is_empty());
+    assert_eq!(rows(), 0);
+}
