@@ -6,6 +6,13 @@
 //! them is finished. After a crash, [`recover`](crate::recover) commits the
 //! prepared transactions that have a decision and aborts the others
 //! (presumed abort).
+//!
+//! With a resource that cannot prepare (SQLite) among the participants, its
+//! own commit is the decision, so keep the log *inside* that resource
+//! (`tm_sqlite::SqliteDecisionLog` on the same database: the decision row
+//! commits with it). A log kept elsewhere is written just before that
+//! commit; a crash between the two would leave a decision for a transaction
+//! whose last resource rolled back, and recovery would commit the others.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
