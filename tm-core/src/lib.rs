@@ -72,7 +72,7 @@ pub use recovery::{recover, Recoverable, RecoveryReport};
 pub use savepoint::Savepoint;
 pub use status::Status;
 pub use transaction::Transaction;
-pub use txid::{ParseTxIdError, TxId};
+pub use txid::{BuildTxIdHasher, ParseTxIdError, TxId, TxIdHasher, TxIdMap};
 
 thread_local! {
     static THREAD_MANAGER: std::cell::RefCell<TransactionManager> =

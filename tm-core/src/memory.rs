@@ -12,7 +12,7 @@ use crate::data_manager::{DataManager, Phase, ResourceSavepoint};
 use crate::error::{Error, Result};
 use crate::recovery::Recoverable;
 use crate::transaction::Transaction;
-use crate::txid::TxId;
+use crate::txid::{TxId, TxIdMap};
 
 /// A transactional in-memory key-value store.
 ///
@@ -87,8 +87,8 @@ struct StoreState<V> {
     data: HashMap<String, Entry<V>>,
     clock: u64,
     locks: HashMap<String, Lock>,
-    prepared: HashMap<TxId, Prepared<V>>,
-    open: HashMap<TxId, Arc<MemoryTxn<V>>>,
+    prepared: TxIdMap<Prepared<V>>,
+    open: TxIdMap<Arc<MemoryTxn<V>>>,
 }
 
 impl<V> StoreState<V> {
@@ -143,8 +143,8 @@ impl<V: Clone + Send + Sync + 'static> MemoryStore<V> {
                     data: HashMap::new(),
                     clock: 0,
                     locks: HashMap::new(),
-                    prepared: HashMap::new(),
-                    open: HashMap::new(),
+                    prepared: TxIdMap::default(),
+                    open: TxIdMap::default(),
                 }),
                 fail_finish: AtomicBool::new(false),
             }),

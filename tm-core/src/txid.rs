@@ -88,6 +88,47 @@ impl fmt::Debug for TxId {
     }
 }
 
+/// A map keyed by [`TxId`] with a cheap hasher: adapters keep their
+/// per-transaction state in one, looked up on every call.
+///
+/// Ids are made by tm, not by an adversary, so hash flooding is not a
+/// concern; the prefix and counter are mixed with a multiply (FxHash-style)
+/// instead of SipHash.
+///
+/// ```
+/// use tm_core::{TxId, TxIdMap};
+/// let mut open: TxIdMap<&str> = TxIdMap::default();
+/// let id = TxId::new();
+/// open.insert(id, "state");
+/// assert_eq!(open.get(&id), Some(&"state"));
+/// ```
+pub type TxIdMap<V> = std::collections::HashMap<TxId, V, BuildTxIdHasher>;
+
+/// The [`BuildHasher`](std::hash::BuildHasher) of [`TxIdMap`].
+pub type BuildTxIdHasher = std::hash::BuildHasherDefault<TxIdHasher>;
+
+/// The hasher of [`TxIdMap`]: fast for the two `u64`s of a [`TxId`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TxIdHasher(u64);
+
+impl std::hash::Hasher for TxIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(buf));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
 /// The text was not a transaction id (`<16 hex digits>-<decimal counter>`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not a transaction id: {text:?} (expected <16 hex digits>-<counter>)")]

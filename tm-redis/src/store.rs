@@ -1,12 +1,12 @@
 //! `Store`: one Redis server (and db) as a tm resource.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use redis::{IntoConnectionInfo, Value};
-use tm_core::{Phase, Recoverable, Transaction, TxId};
+use tm_core::{Phase, Recoverable, Transaction, TxId, TxIdMap};
 use tracing::{debug, warn};
 
 use crate::conn::{self, Conn};
@@ -53,7 +53,7 @@ pub(crate) struct StoreInner {
     pub(crate) options: Options,
     durability: Durability,
     idle: Mutex<Vec<Conn>>,
-    pub(crate) open: Mutex<HashMap<TxId, Arc<RedisTxn>>>,
+    pub(crate) open: Mutex<TxIdMap<Arc<RedisTxn>>>,
 }
 
 impl fmt::Debug for Store {
@@ -121,7 +121,7 @@ impl Store {
                 maxmemory_policy: None,
             },
             idle: Mutex::new(Vec::new()),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(TxIdMap::default()),
         };
         let mut conn = inner.connect().map_err(|err| match err {
             Error::Connect { source, .. } => Error::Connect {

@@ -13,7 +13,6 @@
 //!   connection never carries an open transaction.
 
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::fmt;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
@@ -23,7 +22,7 @@ use std::sync::{Arc, Weak};
 use parking_lot::lock_api::ArcReentrantMutexGuard;
 use parking_lot::{Mutex, RawMutex, RawThreadId, ReentrantMutex};
 use rusqlite::Connection;
-use tm_core::{DataManager, Phase, ResourceSavepoint, Transaction, TxId};
+use tm_core::{DataManager, Phase, ResourceSavepoint, Transaction, TxId, TxIdMap};
 use tracing::{error, warn};
 
 use crate::error::{Error, Result};
@@ -43,7 +42,7 @@ pub(crate) struct DbInner {
     options: Options,
     pool: Mutex<Vec<Pooled>>,
     /// The joined transactions that have not ended yet.
-    open: Mutex<HashMap<TxId, Arc<SqliteTxn>>>,
+    open: Mutex<TxIdMap<Arc<SqliteTxn>>>,
 }
 
 impl DbInner {
@@ -180,7 +179,7 @@ impl Database {
             path,
             options,
             pool: Mutex::new(Vec::new()),
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(TxIdMap::default()),
         };
         let first = inner.connect()?;
         inner.checkin(first);
