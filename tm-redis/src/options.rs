@@ -17,7 +17,9 @@ use std::time::Duration;
 /// assert_eq!(options.prefix, "app:tm:");
 /// ```
 #[derive(Debug, Clone)]
-#[non_exhaustive]
+// Not `#[non_exhaustive]`, on purpose: struct-update syntax
+// (`Options { field, ..Options::default() }`) must work outside the crate.
+// New fields always get a default, so that syntax stays compatible.
 pub struct Options {
     /// Prefix of every key tm itself stores (locks, prepared records,
     /// tombstones). Default `tm:`.

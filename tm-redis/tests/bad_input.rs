@@ -342,3 +342,27 @@ fn invalid_arguments_are_refused_at_once() {
     ));
     tm.abort().unwrap();
 }
+
+#[test]
+fn a_server_without_durable_settings_fails_open_when_durability_is_required() {
+    let server = TestServer::start(); // appendfsync everysec
+    let options = Options {
+        require_durable_prepare: true,
+        ..Options::default()
+    };
+    let err = Store::open_with(&server.url(), options).unwrap_err();
+    assert!(err.to_string().contains("appendfsync"), "{err}");
+    // Without the requirement it opens, and reports what is missing.
+    let store = Store::open(&server.url()).unwrap();
+    assert!(!store.durability().is_durable());
+    let durable = TestServer::builder().fsync_always(true).start();
+    let store = Store::open_with(
+        &durable.url(),
+        Options {
+            require_durable_prepare: true,
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    assert!(store.durability().is_durable(), "{}", store.durability());
+}

@@ -135,7 +135,9 @@ impl Begin {
 /// options.pool_size = 8;
 /// ```
 #[derive(Clone)]
-#[non_exhaustive]
+// Not `#[non_exhaustive]`, on purpose: struct-update syntax
+// (`Options { field, ..Options::default() }`) must work outside the crate.
+// New fields always get a default, so that syntax stays compatible.
 pub struct Options {
     /// `PRAGMA journal_mode` (default [`JournalMode::Wal`]).
     pub journal_mode: JournalMode,

@@ -284,3 +284,16 @@ fn the_pool_keeps_at_most_pool_size_idle_connections() {
     }
     assert_eq!(db.idle_connections(), 2);
 }
+
+#[test]
+fn options_can_be_written_with_struct_update_syntax() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = tm_sqlite::Options {
+        begin: tm_sqlite::Begin::Deferred,
+        pool_size: 2,
+        ..tm_sqlite::Options::default()
+    };
+    let db = tm_sqlite::Database::open_with(dir.path().join("o.db"), options).unwrap();
+    assert_eq!(db.options().pool_size, 2);
+    assert!(matches!(db.options().begin, tm_sqlite::Begin::Deferred));
+}
