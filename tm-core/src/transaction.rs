@@ -181,6 +181,48 @@ fn call(dm: &Arc<dyn DataManager>, phase: Phase, f: impl FnOnce() -> Result<()>)
     }
 }
 
+/// Runs one protocol phase on the resources from `start` on that `pick`
+/// selects, in order, stopping at the first failure (`Err((index, error))`).
+/// One `catch_unwind` covers the loop — cheaper than one per call — and a
+/// panic is attributed to the resource that was being called.
+fn each(
+    resources: &[Arc<dyn DataManager>],
+    start: usize,
+    phase: Phase,
+    pick: impl Fn(&Arc<dyn DataManager>) -> bool,
+    f: impl Fn(&Arc<dyn DataManager>) -> Result<()>,
+) -> std::result::Result<(), (usize, Error)> {
+    let current = std::cell::Cell::new(start);
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        for (i, dm) in resources.iter().enumerate().skip(start) {
+            if !pick(dm) {
+                continue;
+            }
+            current.set(i);
+            trace!(resource = dm.sort_key(), phase = phase.as_str(), "call");
+            if let Err(err) = f(dm) {
+                debug!(resource = dm.sort_key(), phase = phase.as_str(), error = %err, "resource failed");
+                return Err((i, err));
+            }
+        }
+        Ok(())
+    }));
+    match outcome {
+        Ok(result) => result,
+        Err(payload) => {
+            let i = current.get();
+            Err((
+                i,
+                Error::Panicked {
+                    resource: resources[i].sort_key().to_owned(),
+                    phase,
+                    message: panic_message(&*payload),
+                },
+            ))
+        }
+    }
+}
+
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_owned()
@@ -592,21 +634,24 @@ impl Transaction {
             _ => {}
         }
 
-        for (i, dm) in resources.iter().enumerate() {
-            if let Err(err) = call(dm, Phase::TpcBegin, || dm.tpc_begin(self)) {
-                // Its own tpc_begin ran (and may have half-begun): tpc_abort.
-                return Err(self.abort_before_decision(resources, i + 1, err));
-            }
+        if let Err((i, err)) = each(
+            resources,
+            0,
+            Phase::TpcBegin,
+            |_| true,
+            |dm| dm.tpc_begin(self),
+        ) {
+            // Its own tpc_begin ran (and may have half-begun): tpc_abort.
+            return Err(self.abort_before_decision(resources, i + 1, err));
         }
-        for dm in resources {
-            if let Err(err) = call(dm, Phase::Commit, || dm.commit(self)) {
-                return Err(self.abort_before_decision(resources, resources.len(), err));
-            }
+        if let Err((_, err)) = each(resources, 0, Phase::Commit, |_| true, |dm| dm.commit(self)) {
+            return Err(self.abort_before_decision(resources, resources.len(), err));
         }
-        for dm in resources.iter().filter(|dm| dm.can_prepare()) {
-            if let Err(err) = call(dm, Phase::TpcVote, || dm.tpc_vote(self)) {
-                return Err(self.abort_before_decision(resources, resources.len(), err));
-            }
+        let prepares = |dm: &Arc<dyn DataManager>| dm.can_prepare();
+        if let Err((_, err)) = each(resources, 0, Phase::TpcVote, prepares, |dm| {
+            dm.tpc_vote(self)
+        }) {
+            return Err(self.abort_before_decision(resources, resources.len(), err));
         }
 
         // The decision. With a one-phase (last) resource, it is that
@@ -658,15 +703,13 @@ impl Transaction {
             }
         }
 
-        for (i, dm) in resources
-            .iter()
-            .enumerate()
-            .filter(|(_, dm)| dm.can_prepare())
-        {
-            if let Err(err) = call(dm, Phase::TpcFinish, || dm.tpc_finish(self)) {
-                error!(resource = dm.sort_key(), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recover()");
-                failed.push(i);
-            }
+        let mut start = 0;
+        while let Err((i, err)) = each(resources, start, Phase::TpcFinish, prepares, |dm| {
+            dm.tpc_finish(self)
+        }) {
+            error!(resource = resources[i].sort_key(), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recover()");
+            failed.push(i);
+            start = i + 1;
         }
 
         if failed.is_empty() {
