@@ -932,9 +932,10 @@ impl Transaction {
             match self.status() {
                 Status::Active | Status::Doomed => {}
                 Status::CommitFailed => return Err(Error::CommitFailed),
-                Status::Committing | Status::Committed | Status::Aborted => {
-                    return Err(Error::Closed)
-                }
+                Status::Committing => return Err(Error::Closed),
+                // DESIGN: a savepoint of a finished transaction is
+                // InvalidSavepoint (taking one, like rolling one back).
+                Status::Committed | Status::Aborted => return Err(Error::InvalidSavepoint),
             }
             st.resources.clone()
         };

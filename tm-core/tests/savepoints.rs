@@ -143,12 +143,24 @@ fn rollback_of_a_savepoint_of_a_finished_transaction_calls_no_resource() {
 }
 
 #[test]
-fn taking_a_savepoint_of_a_finished_transaction_is_refused() {
+fn taking_a_savepoint_of_a_finished_transaction_is_invalid_and_calls_no_resource() {
+    let log = CallLog::new();
     let tm = tm();
     let txn = tm.begin().unwrap();
+    txn.join(TestDataManager::new("a", &log)).unwrap();
     txn.commit().unwrap();
-    assert!(matches!(txn.savepoint(), Err(Error::Closed)));
-    assert!(matches!(txn.savepoint_optimistic(), Err(Error::Closed)));
+    log.clear();
+    assert!(matches!(txn.savepoint(), Err(Error::InvalidSavepoint)));
+    assert!(matches!(
+        txn.savepoint_optimistic(),
+        Err(Error::InvalidSavepoint)
+    ));
+    let aborted = tm.begin().unwrap();
+    aborted.join(TestDataManager::new("b", &log)).unwrap();
+    aborted.abort().unwrap();
+    log.clear();
+    assert!(matches!(aborted.savepoint(), Err(Error::InvalidSavepoint)));
+    assert!(log.entries().is_empty());
 }
 
 #[test]

@@ -352,12 +352,13 @@ fn a_finished_transactions_handle_refuses_reuse_with_closed() {
         ("abort", txn.abort()),
         ("doom", txn.doom()),
         ("join", txn.join(TestDataManager::new("b", &log))),
-        ("savepoint", txn.savepoint().map(|_| ())),
     ] {
         let err = r.unwrap_err();
         assert!(matches!(err, Error::Closed), "{what}: {err:?}");
         assert!(err.to_string().contains("finished"), "{what}: {err}");
     }
+    // DESIGN: "a savepoint of a finished transaction: InvalidSavepoint".
+    assert!(matches!(txn.savepoint(), Err(Error::InvalidSavepoint)));
     assert_eq!(log.entries().len(), calls, "no resource is called");
     assert_eq!(txn.status(), Status::Committed);
 }
