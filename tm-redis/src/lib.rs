@@ -59,7 +59,7 @@
 //! | `<prefix>{<tag>}:lock:<key>` | string | the txid of the prepared writer of `<key>` |
 //! | `<prefix>{<tag>}:rlock:<key>` | set | the txids of prepared readers of `<key>` |
 //! | `<prefix>{<tag>}:prepared:<txid>` | hash | `k` key list, `w` write-set |
-//! | `<prefix>{<tag>}:aborted:<txid>` | string, TTL | tombstone of an abort |
+//! | `<prefix>{<tag>}:aborted:<txid>` | string, TTL | tombstone of an abort (`{}`: of an `abort_prepared` that found no record) |
 //!
 //! For a lock, `<tag>` is the data key's own hash tag (empty if it has
 //! none); for a record and a tombstone, the tag all the transaction's keys

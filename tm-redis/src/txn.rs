@@ -87,9 +87,9 @@ struct TxnState {
     layout: Option<Layout>,
 }
 
-/// The KEYS of a transaction's function calls: `[record, tombstone,]` then
-/// a triple (data key, write lock, read lock) per key, the keys only read
-/// first.
+/// The KEYS of a transaction's function calls: `[record, tombstone,
+/// untagged tombstone,]` then a triple (data key, write lock, read lock) per
+/// key, the keys only read first.
 pub(crate) struct Layout {
     keys: Vec<Vec<u8>>,
     nread: usize,
@@ -118,6 +118,9 @@ impl Layout {
             let id = txid.to_string();
             keys.push(store.tm_key(record_tag, "prepared", id.as_bytes()));
             keys.push(store.tm_key(record_tag, "aborted", id.as_bytes()));
+            // Where `abort_prepared` leaves the tombstone when it finds no
+            // record (it cannot know the tag): a late prepare checks it too.
+            keys.push(store.tm_key(b"", "aborted", id.as_bytes()));
         }
         for k in data {
             let tag = hash_tag(k).unwrap_or(b"");
@@ -525,13 +528,21 @@ impl RedisTxn {
         }
         if !fetch.is_empty() {
             let mut buf = Vec::new();
+            // One key: GET, so that a key holding another type is WRONGTYPE
+            // as in Redis, not the nil that MGET answers for it.
+            let single = command != "MGET" && fetch.len() == 1;
             conn::cmd(&mut buf, 1 + fetch.len());
-            conn::arg(&mut buf, b"MGET");
+            conn::arg(&mut buf, if single { b"GET" } else { b"MGET" });
             for &i in &fetch {
                 conn::arg(&mut buf, keys[i]);
             }
             let watch: Vec<usize> = fetch.iter().map(|&i| idx[i]).collect();
             let reply = self.server_read(&mut st, command, &watch, &buf)?;
+            let reply = if single {
+                Value::Array(vec![reply])
+            } else {
+                reply
+            };
             let Value::Array(values) = reply else {
                 return Err(self.store.unexpected(Phase::Work, command, &reply));
             };
@@ -557,7 +568,23 @@ impl RedisTxn {
         Ok(out.into_iter().map(|v| v.unwrap_or(None)).collect())
     }
 
+    /// Refuses a write to a key in tm's own key space
+    /// (`<prefix>{<tag>}:lock:...` and the like): it would overwrite, or be
+    /// overwritten by, a lock, a record or a tombstone.
+    fn check_user_key(&self, key: &[u8]) -> Result<()> {
+        if is_tm_key(&self.store.prefix, key) {
+            return Err(Error::InvalidArgument(format!(
+                "key {:?} is in tm's own key space (prefix {:?}, `{{tag}}:lock:`, `rlock:`, `prepared:`, `aborted:`); \
+                 write it under another name or choose another Options::prefix",
+                String::from_utf8_lossy(key),
+                String::from_utf8_lossy(&self.store.prefix),
+            )));
+        }
+        Ok(())
+    }
+
     fn stage(&self, name: &'static str, key: &[u8], args: Vec<Vec<u8>>) -> Result<()> {
+        self.check_user_key(key)?;
         let mut st = self.state.lock();
         if st.stage != Stage::Active {
             return Err(Self::closed());
@@ -911,6 +938,29 @@ impl RedisTxn {
     }
 }
 
+/// The most arguments (the command's name included) a queued command may
+/// have: Lua 5.1 in Redis cannot unpack more than about 8000 values into one
+/// `redis.call`.
+const MAX_QUEUED_ARGS: usize = 7000;
+
+/// Whether `key` is one tm itself stores: `<prefix>{<tag>}:<kind>:...` with
+/// `kind` one of `lock`, `rlock`, `prepared`, `aborted`.
+fn is_tm_key(prefix: &[u8], key: &[u8]) -> bool {
+    let Some(rest) = key.strip_prefix(prefix) else {
+        return false;
+    };
+    let Some(rest) = rest.strip_prefix(b"{") else {
+        return false;
+    };
+    let Some(close) = rest.iter().position(|&b| b == b'}') else {
+        return false;
+    };
+    let rest = &rest[close + 1..];
+    [&b":lock:"[..], b":rlock:", b":prepared:", b":aborted:"]
+        .iter()
+        .any(|kind| rest.starts_with(kind))
+}
+
 /// Parses like Redis's `string2ll` (no `+`, no leading zeros, no spaces).
 fn parse_redis_int(s: &str) -> Option<i64> {
     let digits = s.strip_prefix('-').unwrap_or(s);
@@ -1115,28 +1165,44 @@ impl RedisHandle {
     /// `EXISTS` of one key, seeing this transaction's own writes.
     pub fn exists(&self, key: impl AsRef<[u8]>) -> Result<bool> {
         let key = key.as_ref();
-        {
-            let mut st = self.res.state.lock();
-            let k = st.keys.intern(key);
-            match RedisTxn::local(&st, k, None) {
-                Local::Exists => return Ok(true),
-                Local::Value(v) => return Ok(v.is_some()),
-                Local::Unsupported => return Err(self.res.read_after_write("EXISTS", key)),
-                Local::BadIncr(op, why) => return Err(self.res.bad_incr(op, why)),
-                Local::Untouched => {
-                    let mut buf = Vec::new();
-                    conn::command(&mut buf, &[b"EXISTS", key]);
-                    let v = self.res.server_read(&mut st, "EXISTS", &[k], &buf)?;
-                    return convert(&self.res.store, "EXISTS", v);
+        let mut st = self.res.state.lock();
+        let k = st.keys.intern(key);
+        match RedisTxn::local(&st, k, None) {
+            Local::Exists => Ok(true),
+            Local::Value(v) => Ok(v.is_some()),
+            Local::Unsupported => Err(self.res.read_after_write("EXISTS", key)),
+            Local::BadIncr(op, why) => Err(self.res.bad_incr(op, why)),
+            Local::Untouched => {
+                let mut buf = Vec::new();
+                conn::command(&mut buf, &[b"EXISTS", key]);
+                let v = self.res.server_read(&mut st, "EXISTS", &[k], &buf)?;
+                convert(&self.res.store, "EXISTS", v)
+            }
+            Local::NeedBase => {
+                // Whether the key exists on the server, then what the
+                // buffered writes make of that (the type does not
+                // matter: a string read would miss a hash or a set).
+                let mut buf = Vec::new();
+                conn::command(&mut buf, &[b"EXISTS", key]);
+                let v = self.res.server_read(&mut st, "EXISTS", &[k], &buf)?;
+                let mut exists: bool = convert(&self.res.store, "EXISTS", v)?;
+                for op in st.ops.iter().filter(|op| op.keys.contains(&k)) {
+                    exists = match op.name {
+                        "SET" | "INCRBY" | "HSET" | "SADD" | "LPUSH" | "RPUSH" | "ZADD" => true,
+                        "DEL" => false,
+                        "PEXPIRE" => {
+                            let ms: i64 = std::str::from_utf8(&op.args[0])
+                                .ok()
+                                .and_then(|s| s.parse().ok())
+                                .unwrap_or(1);
+                            exists && ms > 0
+                        }
+                        _ => return Err(self.res.read_after_write("EXISTS", key)),
+                    };
                 }
-                Local::NeedBase => {}
+                Ok(exists)
             }
         }
-        Ok(self
-            .res
-            .string_values("EXISTS", &[key])?
-            .remove(0)
-            .is_some())
     }
 
     /// `HGET`.
@@ -1325,7 +1391,8 @@ impl RedisHandle {
     /// Limit: such a command is not simulated at the vote. If it fails when
     /// the write-set is applied, the other writes stay applied and the
     /// finish reports [`Error::PartialApply`] (tm reports the transaction as
-    /// `Heuristic`).
+    /// `Heuristic`). A command of more than 7000 arguments is refused here
+    /// ([`Error::InvalidArgument`]): Redis's Lua could not pass it on.
     pub fn queue<K: AsRef<[u8]>>(&self, cmd: &redis::Cmd, keys: &[K]) -> Result<()> {
         let mut args = Vec::new();
         for a in cmd.args_iter() {
@@ -1340,6 +1407,17 @@ impl RedisHandle {
         }
         if args.is_empty() {
             return Err(Error::InvalidArgument("queue: an empty command".to_owned()));
+        }
+        if args.len() > MAX_QUEUED_ARGS {
+            // Lua cannot pass more to redis.call: it would fail at apply,
+            // after the decision.
+            return Err(Error::InvalidArgument(format!(
+                "queue: a command of {} arguments; tm's Redis functions can pass at most {MAX_QUEUED_ARGS}: split it",
+                args.len()
+            )));
+        }
+        for k in keys {
+            self.res.check_user_key(k.as_ref())?;
         }
         let mut st = self.res.state.lock();
         if st.stage != Stage::Active {
@@ -1366,6 +1444,18 @@ mod tests {
         assert_eq!(hash_tag(b"{}:a"), None);
         assert_eq!(hash_tag(b"a}{"), None);
         assert_eq!(hash_tag(b"plain"), None);
+    }
+
+    #[test]
+    fn tm_keys_are_recognised_by_prefix_tag_and_kind() {
+        assert!(is_tm_key(b"tm:", b"tm:{}:lock:x"));
+        assert!(is_tm_key(b"tm:", b"tm:{u1}:rlock:{u1}:a"));
+        assert!(is_tm_key(b"tm:", b"tm:{}:prepared:123"));
+        assert!(is_tm_key(b"tm:", b"tm:{t}:aborted:123"));
+        assert!(!is_tm_key(b"tm:", b"tm:users"));
+        assert!(!is_tm_key(b"tm:", b"tm:{u1}:counter"));
+        assert!(!is_tm_key(b"tm:", b"app:{}:lock:x"));
+        assert!(!is_tm_key(b"app:", b"tm:{}:lock:x"));
     }
 
     #[test]

@@ -6,8 +6,11 @@
 -- Every key a function touches is passed in KEYS. A transaction's keys come
 -- as triples (data key, write-lock key, read-lock key), the keys it only read
 -- first (`nread` of them), then the keys it writes. prepare/apply/abort put
--- the record and the tombstone key before the triples (base = 2); the
--- one-phase commit has no record (base = 0).
+-- the record and two tombstone keys before the triples (base = 3): the
+-- tombstone under the transaction's tag, and the one under the empty tag (the
+-- same key when the tag is empty), which is where recovery leaves it when it
+-- aborts a transaction whose record (and so tag) it never saw. The one-phase
+-- commit has no record (base = 0).
 --
 -- A write lock is a string holding the writer's txid; read locks are a set of
 -- reader txids. Neither has a TTL: only apply and abort remove them.
@@ -55,7 +58,7 @@ local function check_locks(base, nread, txid, extra)
     end
     if count_existing(probe) == 0 then return nil end
     if extra then
-        if redis.call('EXISTS', extra[2]) > 0 then return 'TXABORTED the transaction was aborted' end
+        if redis.call('EXISTS', extra[2], extra[3]) > 0 then return 'TXABORTED the transaction was aborted' end
         if redis.call('EXISTS', extra[1]) > 0 then return 'TXPREPARED the transaction is already prepared' end
     end
     for j = 1, n do
@@ -262,11 +265,11 @@ end
 -- while the record exists, so the write locks of its written keys are its own.
 local function release(nread, txid)
     local dels = { K[1] }
-    for j = 1, triples(2) do
+    for j = 1, triples(3) do
         if j <= nread then
-            redis.call('SREM', rlock_key(2, j), txid)
+            redis.call('SREM', rlock_key(3, j), txid)
         else
-            dels[#dels + 1] = wlock_key(2, j)
+            dels[#dels + 1] = wlock_key(3, j)
         end
     end
     local i = 1
@@ -277,23 +280,22 @@ local function release(nread, txid)
     end
 end
 
--- prepare: KEYS = record, tombstone, triples; ARGV = txid, nread, key list
--- (client-built blob, kept for recovery), write-set...
+-- prepare: KEYS = record, tombstone, untagged tombstone, triples; ARGV =
+-- txid, nread, key list (client-built blob, kept for recovery), write-set...
 local function prepare(keys, args)
     K = keys
     local txid = args[1]
     local nread = tonumber(args[2])
-    -- One EXISTS probes the tombstone, the record and every lock at once.
-    local refused = check_locks(2, nread, txid, { keys[1], keys[2] })
-    if refused == nil then refused = validate(2, args, 4) end
+    -- One EXISTS probes the tombstones, the record and every lock at once.
+    local refused = check_locks(3, nread, txid, { keys[1], keys[2], keys[3] })
+    if refused == nil then refused = validate(3, args, 4) end
     if refused then return redis.error_reply(refused) end
     local writes = {}
-    local reads = {}
-    for j = 1, triples(2) do
+    for j = 1, triples(3) do
         if j <= nread then
-            redis.call('SADD', rlock_key(2, j), txid)
+            redis.call('SADD', rlock_key(3, j), txid)
         else
-            writes[#writes + 1] = wlock_key(2, j)
+            writes[#writes + 1] = wlock_key(3, j)
             writes[#writes + 1] = txid
         end
     end
@@ -309,20 +311,21 @@ local function prepare(keys, args)
     return 1
 end
 
--- apply: KEYS = record, tombstone, triples; ARGV = txid, nread.
--- Idempotent: 0 when there is no record (already applied or aborted).
+-- apply: KEYS = record, tombstone, untagged tombstone, triples; ARGV =
+-- txid, nread. Idempotent: 0 when there is no record (already applied or
+-- aborted).
 local function apply(keys, args)
     K = keys
     local packed = redis.call('HGET', keys[1], 'w')
     if not packed then return 0 end
-    local failures = run_ops(2, cmsgpack.unpack(packed), 1)
+    local failures = run_ops(3, cmsgpack.unpack(packed), 1)
     release(tonumber(args[2]), args[1])
     return failures
 end
 
--- abort: KEYS = record, tombstone, triples; ARGV = txid, nread, tombstone TTL
--- (ms). Releases what a prepare took (if it ran) and leaves a tombstone so a
--- prepare arriving late refuses.
+-- abort: KEYS = record, tombstone, untagged tombstone, triples; ARGV = txid,
+-- nread, tombstone TTL (ms). Releases what a prepare took (if it ran) and
+-- leaves a tombstone so a prepare arriving late refuses.
 local function abort(keys, args)
     K = keys
     local had = redis.call('EXISTS', keys[1])
