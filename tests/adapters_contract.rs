@@ -1413,3 +1413,30 @@ fn redis_write_to_a_key_in_tms_own_key_space_is_refused_and_locks_stay_intact() 
         .iter()
         .all(|k| k.as_slice() == b"tm:{u1}:counter"));
 }
+
+#[test]
+fn redis_commit_prepared_finishes_every_record_of_the_transaction() {
+    // Two Stores opened separately on one server (not clones) in one
+    // transaction, with keys of different hash tags: two records.
+    let server = TestServer::builder().fsync_always(true).start();
+    let a = Store::open(&server.url()).unwrap();
+    let b = Store::open(&server.url()).unwrap();
+    let tm = TransactionManager::explicit();
+    let txn = tm.begin().unwrap();
+    for (store, key) in [(&a, "{u1}:x"), (&b, "{u2}:y")] {
+        let r = store.join(&txn).unwrap();
+        r.set(key, 1).unwrap();
+        let dm = r.data_manager();
+        dm.tpc_begin(&txn).unwrap();
+        dm.commit(&txn).unwrap();
+        dm.tpc_vote(&txn).unwrap();
+    }
+    let recovery = Store::open(&server.url()).unwrap();
+    assert_eq!(recovery.in_doubt().unwrap(), vec![txn.id()]);
+    recovery.commit_prepared(&txn.id()).unwrap();
+    assert!(recovery.in_doubt().unwrap().is_empty());
+    assert_eq!(a.get::<i64>("{u1}:x").unwrap(), Some(1));
+    assert_eq!(a.get::<i64>("{u2}:y").unwrap(), Some(1));
+    assert!(tm_keys(&server).is_empty());
+    tm.abort().ok();
+}

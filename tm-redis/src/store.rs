@@ -354,23 +354,29 @@ impl StoreInner {
         k
     }
 
-    /// Finds the record of `txid` (its key and fields `k`), trying the
-    /// untagged name first, then a SCAN over the tagged ones.
-    fn find_record(&self, txid: &TxId, phase: Phase) -> Result<Option<(Vec<u8>, Vec<u8>)>> {
+    /// Finds the records of `txid` (key and field `k` of each): the untagged
+    /// name, and a SCAN over the tagged ones. Usually one; more when two
+    /// `Store`s opened separately on the same server and prefix took part in
+    /// the transaction with keys of different hash tags.
+    fn find_records(&self, txid: &TxId, phase: Phase) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let id = txid.to_string();
+        let mut found = Vec::new();
         let plain = self.tm_key(b"", "prepared", id.as_bytes());
         if let Some(blob) = self.record_keys(&plain, phase)? {
-            return Ok(Some((plain, blob)));
+            found.push((plain.clone(), blob));
         }
         let mut pattern = glob_escape(&self.prefix);
         pattern.extend_from_slice(b"{*}:prepared:");
         pattern.extend_from_slice(id.as_bytes());
         for name in self.scan(&pattern, phase)? {
+            if name == plain {
+                continue;
+            }
             if let Some(blob) = self.record_keys(&name, phase)? {
-                return Ok(Some((name, blob)));
+                found.push((name, blob));
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     fn record_keys(&self, record: &[u8], phase: Phase) -> Result<Option<Vec<u8>>> {
@@ -429,6 +435,24 @@ impl StoreInner {
         }
     }
 
+    /// The layout of a prepared record's apply or abort.
+    fn record_layout(
+        &self,
+        txid: &TxId,
+        id: &str,
+        record: &[u8],
+        blob: &[u8],
+    ) -> Result<txn::Layout> {
+        let tag = self.record_tag(record, id).to_vec();
+        let (nread, keys) = txn::decode_keys(blob).ok_or_else(|| Error::UnexpectedReply {
+            server: self.server.clone(),
+            phase: Phase::Recover,
+            command: "HGET".to_owned(),
+            reply: "a prepared record with a malformed key list".to_owned(),
+        })?;
+        Ok(txn::Layout::new(self, &tag, txid, &keys, nread, true))
+    }
+
     /// The record key's tag: `<prefix>{<tag>}:prepared:<txid>`.
     fn record_tag<'a>(&self, record: &'a [u8], txid: &str) -> &'a [u8] {
         let start = self.prefix.len() + 1;
@@ -470,42 +494,32 @@ impl Recoverable for Store {
     }
 
     fn commit_prepared(&self, txid: &TxId) -> tm_core::Result<()> {
-        let Some((record, blob)) = self.inner.find_record(txid, Phase::Recover)? else {
+        let records = self.inner.find_records(txid, Phase::Recover)?;
+        if records.is_empty() {
             debug!(server = %self.inner.server, %txid, "commit_prepared: no record (already finished)");
-            return Ok(());
-        };
+        }
         let id = txid.to_string();
-        let tag = self.inner.record_tag(&record, &id).to_vec();
-        let (nread, keys) = txn::decode_keys(&blob).ok_or_else(|| Error::UnexpectedReply {
-            server: self.inner.server.clone(),
-            phase: Phase::Recover,
-            command: "HGET".to_owned(),
-            reply: "a prepared record with a malformed key list".to_owned(),
-        })?;
-        let layout = txn::Layout::new(&self.inner, &tag, txid, &keys, nread, true);
-        txn::apply(&self.inner, &layout, &id, Phase::Recover)?;
+        for (record, blob) in records {
+            let layout = self.inner.record_layout(txid, &id, &record, &blob)?;
+            txn::apply(&self.inner, &layout, &id, Phase::Recover)?;
+        }
         Ok(())
     }
 
     fn abort_prepared(&self, txid: &TxId) -> tm_core::Result<()> {
         let id = txid.to_string();
-        let layout = match self.inner.find_record(txid, Phase::Recover)? {
-            Some((record, blob)) => {
-                let tag = self.inner.record_tag(&record, &id).to_vec();
-                let (nread, keys) =
-                    txn::decode_keys(&blob).ok_or_else(|| Error::UnexpectedReply {
-                        server: self.inner.server.clone(),
-                        phase: Phase::Recover,
-                        command: "HGET".to_owned(),
-                        reply: "a prepared record with a malformed key list".to_owned(),
-                    })?;
-                txn::Layout::new(&self.inner, &tag, txid, &keys, nread, true)
-            }
-            // No record: still leave a tombstone, so that a prepare of this
+        let records = self.inner.find_records(txid, Phase::Recover)?;
+        if records.is_empty() {
+            // No record: still leave a tombstone (under the empty tag, which
+            // every prepare also checks), so that a prepare of this
             // transaction still on its way refuses.
-            None => txn::Layout::new(&self.inner, b"", txid, &[], 0, true),
-        };
-        txn::abort(&self.inner, &layout, &id, Phase::Recover)?;
+            let layout = txn::Layout::new(&self.inner, b"", txid, &[], 0, true);
+            txn::abort(&self.inner, &layout, &id, Phase::Recover)?;
+        }
+        for (record, blob) in records {
+            let layout = self.inner.record_layout(txid, &id, &record, &blob)?;
+            txn::abort(&self.inner, &layout, &id, Phase::Recover)?;
+        }
         Ok(())
     }
 }
