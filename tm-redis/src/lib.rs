@@ -74,6 +74,18 @@
 //! be simulated at the vote; if it fails when applied, the rest is applied
 //! and the finish fails with [`Error::PartialApply`] (a heuristic outcome).
 //!
+//! ## Limits
+//!
+//! * Share one [`Store`] (clone it) per server and prefix. Two stores
+//!   opened separately on the same server and prefix are two resources to
+//!   tm: in one transaction, the second one's prepare meets the first one's
+//!   locks and fails.
+//! * Locks are per prefix: stores with different prefixes on the same
+//!   server do not see each other's locks, so they are not isolated from
+//!   each other on shared keys.
+//! * Keys read inside a savepoint that is rolled back stay watched (and read
+//!   locked at the vote) until the transaction ends.
+//!
 //! ## Durability
 //!
 //! [`Store::durability`] reports the server's `appendonly`, `appendfsync`

@@ -59,6 +59,15 @@
 //! # Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
 //! ```
 //!
+//! ## Limits
+//!
+//! * Share one [`Database`] (clone it) per file. Two `Database`s opened
+//!   separately on one file are two pools: in one transaction they wait on
+//!   each other's write lock until the busy timeout.
+//! * SQLite cannot prepare: with more than one SQLite database in a
+//!   transaction, a failure of the second `COMMIT` after the first is a
+//!   heuristic outcome ([`tm_core::Error::Heuristic`]), never silent.
+//!
 //! [`TransactionManager::run`]: tm_core::TransactionManager::run
 
 #![warn(missing_docs)]
