@@ -105,4 +105,4 @@ mod txn;
 pub use error::{Error, Result};
 pub use options::{Durability, Options};
 pub use store::Store;
-pub use txn::RedisHandle;
+pub use txn::{RedisHandle, MAX_TTL};

@@ -1077,6 +1077,24 @@ impl ResourceSavepoint for RedisSavepoint {
     }
 }
 
+/// The longest expiry [`RedisHandle::set_ex`] and [`RedisHandle::expire`]
+/// accept: 2^62 ms (about 146 million years). Redis refuses an expiry whose
+/// deadline (now + ttl, in ms) leaves the signed 64-bit range, with an error
+/// that would only show when the write-set is applied, after the vote; so a
+/// longer one is refused when it is staged.
+pub const MAX_TTL: Duration = Duration::from_millis(1 << 62);
+
+fn check_ttl(what: &str, ttl: Duration) -> Result<()> {
+    if ttl > MAX_TTL {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: an expiry of {} ms is beyond the {} ms Redis can take",
+            ttl.as_millis(),
+            MAX_TTL.as_millis()
+        )));
+    }
+    Ok(())
+}
+
 fn one_arg<V: ToSingleRedisArg>(value: V) -> Vec<u8> {
     value.to_redis_args().pop().unwrap_or_default()
 }
@@ -1282,7 +1300,8 @@ impl RedisHandle {
         self.res.stage("SET", key.as_ref(), vec![one_arg(value)])
     }
 
-    /// Buffers `SET key value PX ttl` (a zero `ttl` is refused).
+    /// Buffers `SET key value PX ttl` (a zero `ttl`, or one beyond
+    /// [`MAX_TTL`], is refused).
     pub fn set_ex<V: ToSingleRedisArg>(
         &self,
         key: impl AsRef<[u8]>,
@@ -1295,6 +1314,7 @@ impl RedisHandle {
                 "set_ex: the expiry must be at least 1 ms".to_owned(),
             ));
         }
+        check_ttl("set_ex", ttl)?;
         self.res.stage(
             "SET",
             key.as_ref(),
@@ -1375,8 +1395,10 @@ impl RedisHandle {
         self.res.stage("ZREM", key.as_ref(), vec![one_arg(member)])
     }
 
-    /// Buffers an expiry (`PEXPIRE key ms`).
+    /// Buffers an expiry (`PEXPIRE key ms`; below 1 ms it is `PEXPIRE key 0`,
+    /// which deletes the key). A `ttl` beyond [`MAX_TTL`] is refused.
     pub fn expire(&self, key: impl AsRef<[u8]>, ttl: Duration) -> Result<()> {
+        check_ttl("expire", ttl)?;
         self.res.stage(
             "PEXPIRE",
             key.as_ref(),

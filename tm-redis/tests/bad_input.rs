@@ -366,3 +366,47 @@ fn a_server_without_durable_settings_fails_open_when_durability_is_required() {
     .unwrap();
     assert!(store.durability().is_durable(), "{}", store.durability());
 }
+
+/// Found by tests/differential.rs: Redis refuses `PEXPIRE`/`SET PX` whose
+/// deadline (now + ttl) leaves the 64-bit range ("invalid expire time"),
+/// even on a missing key. The vote did not simulate that, so the write
+/// failed only at apply, after the decision (a partial apply). Now such an
+/// expiry is refused when it is staged.
+#[test]
+fn expiry_beyond_what_redis_takes_is_refused_when_staged_not_at_apply() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    for huge in [
+        Duration::from_millis(i64::MAX as u64),
+        Duration::from_millis(u64::MAX),
+        Duration::MAX,
+        tm_redis::MAX_TTL + Duration::from_millis(1),
+    ] {
+        let tm = TransactionManager::explicit();
+        let txn = tm.begin().unwrap();
+        let r = store.join(&txn).unwrap();
+        assert!(
+            matches!(r.expire("k", huge), Err(Error::InvalidArgument(_))),
+            "expire {huge:?}"
+        );
+        assert!(
+            matches!(r.set_ex("k", "v", huge), Err(Error::InvalidArgument(_))),
+            "set_ex {huge:?}"
+        );
+        tm.abort().unwrap();
+    }
+    // The longest accepted expiry commits, one-phase and two-phase.
+    for two_phase in [false, true] {
+        commit_with(&store, two_phase, |r| {
+            r.set_ex("k", "v", tm_redis::MAX_TTL).unwrap();
+            r.set("j", "w").unwrap();
+            r.expire("j", tm_redis::MAX_TTL).unwrap();
+        })
+        .unwrap();
+        let mut con = server.connection();
+        for key in ["k", "j"] {
+            let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut con).unwrap();
+            assert!(ttl > 0, "{key}: {ttl}");
+        }
+    }
+}
