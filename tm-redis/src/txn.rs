@@ -327,78 +327,86 @@ impl RedisTxn {
         Error::Transaction(tm_core::Error::Closed)
     }
 
+    /// What the buffered writes make of key `k`, starting from `base` (its
+    /// committed string value, when read) or from nothing known. Without a
+    /// base it goes on past writes that need one (INCRBY) or keep it
+    /// (PEXPIRE): a later SET, DEL or PEXPIRE 0 makes the base irrelevant, and
+    /// then the server is not asked (its value might not even be a string).
     fn local(st: &TxnState, k: usize, base: Option<Option<Vec<u8>>>) -> Local {
-        let mut cur: Option<Option<Vec<u8>>> = base;
-        let mut exists = false;
+        /// The key as the writes so far leave it.
+        enum Cur {
+            /// As on the server (only when no base was given).
+            Base,
+            /// A string computed from the server's value (INCRBY on `Base`).
+            FromBase,
+            /// A known string value, or no key.
+            Str(Option<Vec<u8>>),
+            /// It exists, but is not a string.
+            NonString,
+        }
+        let mut cur = match base {
+            Some(v) => Cur::Str(v),
+            None => Cur::Base,
+        };
         let mut touched = false;
         for (n, op) in st.ops.iter().enumerate() {
             if !op.keys.contains(&k) {
                 continue;
             }
             touched = true;
-            match op.name {
-                "SET" => {
-                    cur = Some(Some(op.args[0].clone()));
-                    exists = false;
-                }
-                "DEL" => {
-                    cur = Some(None);
-                    exists = false;
-                }
-                "INCRBY" => {
-                    if exists {
-                        return Local::Unsupported;
+            cur = match op.name {
+                "SET" => Cur::Str(Some(op.args[0].clone())),
+                "DEL" => Cur::Str(None),
+                "INCRBY" => match cur {
+                    Cur::Base | Cur::FromBase => Cur::FromBase,
+                    Cur::NonString => return Local::Unsupported, // WRONGTYPE at the vote
+                    Cur::Str(value) => {
+                        let by: i64 = std::str::from_utf8(&op.args[0])
+                            .ok()
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(0);
+                        let old = match value {
+                            None => Some(0),
+                            Some(v) => std::str::from_utf8(&v).ok().and_then(parse_redis_int),
+                        };
+                        let Some(old) = old else {
+                            return Local::BadIncr(
+                                n + 1,
+                                "value is not an integer or out of range",
+                            );
+                        };
+                        let Some(new) = old.checked_add(by) else {
+                            return Local::BadIncr(n + 1, "increment or decrement would overflow");
+                        };
+                        Cur::Str(Some(new.to_string().into_bytes()))
                     }
-                    let Some(value) = cur.take() else {
-                        return Local::NeedBase;
-                    };
-                    let by: i64 = std::str::from_utf8(&op.args[0])
-                        .ok()
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or(0);
-                    let old = match value {
-                        None => Some(0),
-                        Some(v) => std::str::from_utf8(&v).ok().and_then(parse_redis_int),
-                    };
-                    let Some(old) = old else {
-                        return Local::BadIncr(n + 1, "value is not an integer or out of range");
-                    };
-                    let Some(new) = old.checked_add(by) else {
-                        return Local::BadIncr(n + 1, "increment or decrement would overflow");
-                    };
-                    cur = Some(Some(new.to_string().into_bytes()));
-                }
+                },
                 "PEXPIRE" => {
                     let ms: i64 = std::str::from_utf8(&op.args[0])
                         .ok()
                         .and_then(|s| s.parse().ok())
                         .unwrap_or(1);
                     if ms <= 0 {
-                        cur = Some(None);
-                        exists = false;
-                    } else if cur.is_none() && !exists {
-                        return Local::NeedBase;
+                        Cur::Str(None)
+                    } else {
+                        cur // the value stays (a missing key stays missing)
                     }
                 }
-                "HSET" | "SADD" | "LPUSH" | "RPUSH" | "ZADD" => {
-                    if matches!(cur, Some(Some(_))) {
-                        return Local::Unsupported; // WRONGTYPE at the vote
-                    }
-                    exists = true;
-                    cur = None;
-                }
+                "HSET" | "SADD" | "LPUSH" | "RPUSH" | "ZADD" => match cur {
+                    // WRONGTYPE at the vote.
+                    Cur::Str(Some(_)) | Cur::FromBase => return Local::Unsupported,
+                    Cur::Base | Cur::Str(None) | Cur::NonString => Cur::NonString,
+                },
                 _ => return Local::Unsupported,
-            }
+            };
         }
         if !touched {
-            Local::Untouched
-        } else if exists {
-            Local::Exists
-        } else {
-            match cur {
-                Some(v) => Local::Value(v),
-                None => Local::NeedBase,
-            }
+            return Local::Untouched;
+        }
+        match cur {
+            Cur::Base | Cur::FromBase => Local::NeedBase,
+            Cur::Str(v) => Local::Value(v),
+            Cur::NonString => Local::Exists,
         }
     }
 

@@ -172,6 +172,57 @@ fn reads_of_own_non_string_writes_are_refused_not_stale() {
     tm.abort().unwrap();
 }
 
+/// Found by tests/differential.rs: a buffered write that keeps or needs the
+/// committed value (a positive expire, INCRBY) made `get` ask the server at
+/// once, even when a later write (DEL, SET, expire 0) made that value
+/// irrelevant: a key holding a set answered WRONGTYPE instead of the nil the
+/// transaction's own writes give; and a removal (ZREM) that may empty such a
+/// key answered WRONGTYPE instead of ReadAfterWrite.
+#[test]
+fn reads_after_a_later_overwrite_do_not_depend_on_the_committed_value() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    let mut con = server.connection();
+    for key in ["s1", "s2", "s3"] {
+        let () = redis::cmd("SADD")
+            .arg(key)
+            .arg("m")
+            .query(&mut con)
+            .unwrap();
+    }
+    let () = redis::cmd("ZADD")
+        .arg("z")
+        .arg(1)
+        .arg("m")
+        .query(&mut con)
+        .unwrap();
+    let tm = TransactionManager::explicit();
+    let txn = tm.begin().unwrap();
+    let r = store.join(&txn).unwrap();
+    r.expire("s1", Duration::from_secs(100)).unwrap();
+    r.expire("s1", Duration::ZERO).unwrap();
+    assert_eq!(r.get::<String>("s1").unwrap(), None);
+    assert!(!r.exists("s1").unwrap());
+    r.expire("s2", Duration::from_secs(100)).unwrap();
+    r.set("s2", "v").unwrap();
+    assert_eq!(r.get::<String>("s2").unwrap().as_deref(), Some("v"));
+    r.del("s3").unwrap();
+    r.incr_by("s3", 2).unwrap();
+    assert_eq!(r.get::<i64>("s3").unwrap(), Some(2));
+    r.expire("z", Duration::from_secs(100)).unwrap();
+    r.zrem("z", "m").unwrap();
+    assert!(matches!(
+        r.get::<String>("z"),
+        Err(Error::ReadAfterWrite { .. })
+    ));
+    tm.commit().unwrap();
+    assert_eq!(store.get::<String>("s1").unwrap(), None);
+    assert_eq!(store.get::<String>("s2").unwrap().as_deref(), Some("v"));
+    assert_eq!(store.get::<i64>("s3").unwrap(), Some(2));
+    let exists: bool = redis::cmd("EXISTS").arg("z").query(&mut con).unwrap();
+    assert!(!exists);
+}
+
 #[test]
 fn every_write_command_is_applied_in_order() {
     let server = TestServer::start();

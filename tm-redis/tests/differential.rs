@@ -239,7 +239,13 @@ impl Op {
 #[derive(Debug, Clone)]
 struct Case {
     init: Vec<(Init, bool)>,
+    /// Keys read (`exists`, so WATCHed, and read-locked at the vote) before
+    /// the writes are staged.
+    reads: Vec<usize>,
     ops: Vec<Op>,
+    /// Read every written key back (`get`, `exists`) after staging: tm's own
+    /// simulation of its buffered writes (read-your-writes).
+    read_back: bool,
 }
 
 // ---- strategies ----
@@ -434,9 +440,19 @@ fn case() -> impl Strategy<Value = Case> {
                 1 => (0..KEYS.len(), ttl()).prop_map(|(k, t)| Op::Expire(k, t)),
                 1 => any_op(),
             ];
-            (inits, prop::collection::vec(op, 1..=12))
+            (
+                inits,
+                prop::collection::vec(0..KEYS.len(), 0..3),
+                prop::collection::vec(op, 1..=12),
+                any::<bool>(),
+            )
         })
-        .prop_map(|(init, ops)| Case { init, ops })
+        .prop_map(|(init, reads, ops, read_back)| Case {
+            init,
+            reads,
+            ops,
+            read_back,
+        })
 }
 
 // ---- the server side ----
@@ -581,13 +597,29 @@ enum Outcome {
     Partial(Vec<usize>),
 }
 
-fn run_tm(store: &Store, ops: &[Op], two_phase: bool) -> Result<Outcome, TestCaseError> {
+/// What `get` and `exists` answered for a key after the writes were staged.
+#[derive(Debug)]
+struct ReadBack {
+    key: usize,
+    get: Result<Option<Vec<u8>>, Error>,
+    exists: Result<bool, Error>,
+}
+
+fn run_tm(
+    store: &Store,
+    case: &Case,
+    two_phase: bool,
+) -> Result<(Outcome, Vec<ReadBack>), TestCaseError> {
+    let ops = &case.ops;
     let tm = TransactionManager::explicit();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     if two_phase {
         txn.join(TestDataManager::new("zz-other", &CallLog::new()))
             .unwrap();
+    }
+    for &k in &case.reads {
+        r.exists(KEYS[k]).unwrap();
     }
     for (i, op) in ops.iter().enumerate() {
         if let Err(err) = op.stage(&r) {
@@ -596,12 +628,27 @@ fn run_tm(store: &Store, ops: &[Op], two_phase: bool) -> Result<Outcome, TestCas
                 "staging {op:?} failed with {err}"
             );
             tm.abort().unwrap();
-            return Ok(Outcome::Refused(format!("staging: {err}"), Some(i + 1)));
+            return Ok((
+                Outcome::Refused(format!("staging: {err}"), Some(i + 1)),
+                Vec::new(),
+            ));
+        }
+    }
+    let mut read_back = Vec::new();
+    if case.read_back {
+        for k in 0..KEYS.len() {
+            if ops.iter().any(|o| o.key() == k) {
+                read_back.push(ReadBack {
+                    key: k,
+                    get: r.get::<Vec<u8>>(KEYS[k]),
+                    exists: r.exists(KEYS[k]),
+                });
+            }
         }
     }
     let result = tm.commit();
     let Err(err) = result else {
-        return Ok(Outcome::Committed);
+        return Ok((Outcome::Committed, read_back));
     };
     let _ = tm.abort();
     if let TmError::Heuristic { failed, .. } = &err {
@@ -609,18 +656,68 @@ fn run_tm(store: &Store, ops: &[Op], two_phase: bool) -> Result<Outcome, TestCas
         // that way here. The failures are in the log; the state check below
         // catches anything else.
         prop_assert_eq!(failed.len(), 1, "{}", err);
-        return Ok(Outcome::Partial(Vec::new()));
+        return Ok((Outcome::Partial(Vec::new()), read_back));
     }
-    match redis_error(&err) {
-        Some(Error::Invalid { op, .. }) => Ok(Outcome::Refused(err.to_string(), Some(*op))),
-        Some(Error::PartialApply { failures, .. }) => Ok(Outcome::Partial(
+    let outcome = match redis_error(&err) {
+        Some(Error::Invalid { op, .. }) => Outcome::Refused(err.to_string(), Some(*op)),
+        Some(Error::PartialApply { failures, .. }) => Outcome::Partial(
             failures
                 .iter()
                 .map(|f| f.split(' ').next().unwrap().parse().unwrap())
                 .collect(),
-        )),
-        _ => Err(TestCaseError::fail(format!("unexpected error: {err}"))),
+        ),
+        _ => return Err(TestCaseError::fail(format!("unexpected error: {err}"))),
+    };
+    Ok((outcome, read_back))
+}
+
+/// Checks what the transaction read of its own writes against the final
+/// state of the oracle (when tm committed, that is what it wrote).
+fn check_read_back(
+    reads: &[ReadBack],
+    oracle: &[KeyState],
+    committed: bool,
+) -> Result<(), TestCaseError> {
+    for rb in reads {
+        let want = &oracle[rb.key];
+        let ctx = format!("read back of {:?}: {rb:?}, oracle {want:?}", KEYS[rb.key]);
+        for err in [rb.get.as_ref().err(), rb.exists.as_ref().err()]
+            .into_iter()
+            .flatten()
+        {
+            match err {
+                // Not well defined without the server: allowed.
+                Error::ReadAfterWrite { .. } => {}
+                // An INCRBY the vote will refuse.
+                Error::Invalid { command, .. } if command == "INCRBY" => {
+                    prop_assert!(!committed, "{}", ctx)
+                }
+                // GET of a key that is not a string.
+                Error::Command { .. } if err.to_string().contains("WRONGTYPE") => {
+                    prop_assert!(
+                        !committed || !matches!(want.kind.as_str(), "string" | "none"),
+                        "{}",
+                        ctx
+                    )
+                }
+                other => prop_assert!(false, "{}: {}", ctx, other),
+            }
+        }
+        if !committed {
+            continue;
+        }
+        if let Ok(v) = &rb.get {
+            match want.kind.as_str() {
+                "none" => prop_assert!(v.is_none(), "{}", ctx),
+                "string" => prop_assert_eq!(Some(&want.value[0]), v.as_ref(), "{}", ctx),
+                _ => prop_assert!(false, "GET answered for a {}: {}", want.kind, ctx),
+            }
+        }
+        if let Ok(e) = rb.exists {
+            prop_assert_eq!(e, want.kind != "none", "{}", ctx);
+        }
     }
+    Ok(())
 }
 
 /// The conservative refusal DESIGN allows: HDEL/SREM/ZREM may empty (and so
@@ -661,13 +758,14 @@ fn check_case(
     }
     let before = snapshot_all(&mut con, |k| KEYS[k].to_vec());
 
-    let outcome = run_tm(store, &case.ops, two_phase)?;
+    let (outcome, read_back) = run_tm(store, case, two_phase)?;
     let errors = run_oracle(&mut con, &case.ops);
 
     let after = snapshot_all(&mut con, |k| KEYS[k].to_vec());
     let oracle = snapshot_all(&mut con, oracle_key);
     prop_assert_eq!(tm_keys_left(&mut con), Vec::<String>::new());
     stats.borrow_mut().count(&outcome);
+    check_read_back(&read_back, &oracle, matches!(outcome, Outcome::Committed))?;
     match outcome {
         Outcome::Committed => {
             prop_assert!(
