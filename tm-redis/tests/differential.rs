@@ -636,12 +636,12 @@ fn run_tm(
     }
     let mut read_back = Vec::new();
     if case.read_back {
-        for k in 0..KEYS.len() {
+        for (k, key) in KEYS.iter().enumerate() {
             if ops.iter().any(|o| o.key() == k) {
                 read_back.push(ReadBack {
                     key: k,
-                    get: r.get::<Vec<u8>>(KEYS[k]),
-                    exists: r.exists(KEYS[k]),
+                    get: r.get::<Vec<u8>>(key),
+                    exists: r.exists(key),
                 });
             }
         }
