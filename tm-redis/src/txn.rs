@@ -822,7 +822,9 @@ impl RedisTxn {
             return Err(self.lost_watches(Phase::TpcVote));
         }
         let (layout, triple) = self.layout(st, true);
-        if layout.data.is_empty() {
+        // Nothing read and nothing written. (A queued command listing no
+        // keys is still a write: it must not be dropped.)
+        if layout.data.is_empty() && st.ops.is_empty() {
             st.stage = Stage::Prepared;
             return Ok(());
         }
@@ -877,7 +879,7 @@ impl RedisTxn {
             return Err(self.lost_watches(Phase::CommitOnePhase));
         }
         let (layout, triple) = self.layout(st, false);
-        if layout.data.is_empty() {
+        if layout.data.is_empty() && st.ops.is_empty() {
             return Ok(());
         }
         let nread = layout.nread.to_string();

@@ -223,6 +223,31 @@ fn reads_after_a_later_overwrite_do_not_depend_on_the_committed_value() {
     assert!(!exists);
 }
 
+/// A queued command listing no keys was dropped without a word when it was
+/// the transaction's only write (nothing to lock, so nothing was sent at
+/// the vote or the one-phase commit), and run when there was any other key.
+/// It is now always run, one-phase and two-phase.
+#[test]
+fn queued_command_listing_no_keys_is_not_dropped() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    for (two_phase, key) in [(false, "one"), (true, "two")] {
+        let tm = TransactionManager::explicit();
+        let txn = tm.begin().unwrap();
+        let r = store.join(&txn).unwrap();
+        // Should list `key` (to lock it); either way the write must happen.
+        r.queue(redis::cmd("APPEND").arg(key).arg("x"), &[] as &[&str])
+            .unwrap();
+        if two_phase {
+            txn.join(TestDataManager::new("zz-other", &CallLog::new()))
+                .unwrap();
+        }
+        tm.commit().unwrap();
+        assert_eq!(store.get::<String>(key).unwrap().as_deref(), Some("x"));
+    }
+    assert!(tm_keys(&server).is_empty(), "{:?}", tm_keys(&server));
+}
+
 #[test]
 fn every_write_command_is_applied_in_order() {
     let server = TestServer::start();
