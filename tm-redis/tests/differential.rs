@@ -21,6 +21,20 @@
 //!   => the oracle had an error too, and the final state equals the oracle's;
 //! - and tm leaves none of its locks or records behind.
 //!
+//! Some cases first read keys (`exists`: WATCH, then the vote runs inside
+//! MULTI/EXEC and takes read locks); some read every written key back after
+//! staging (`get`, `exists`), which must agree with the oracle's final state
+//! when tm commits. Allowed there: `ReadAfterWrite` (documented: not well
+//! defined without the server), an INCRBY refusal (only if tm then refuses),
+//! WRONGTYPE (only if the final value is not a string).
+//!
+//! Filters (documented behaviour, not bugs):
+//! - [`conservative_refusal`]: a write refused after HDEL/SREM/ZREM on the
+//!   same key, which the vote cannot know emptied (deleted) the key;
+//! - [`may_fail_at_apply`]: queued commands (APPEND, HINCRBY) are not
+//!   simulated, and neither is any later write to a key they touch: those may
+//!   fail at apply (a partial apply, reported), never at the vote.
+//!
 //! TTLs in the sequences are 0 (PEXPIRE 0 deletes), sub-millisecond (rounds
 //! to 0), 100 s and more (never reached while the test runs: no timing), or
 //! huge (beyond what Redis accepts).
