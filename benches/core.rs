@@ -6,48 +6,12 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use tm::{DataManager, ResourceSavepoint, Result, Transaction, TransactionManager};
-
-/// A data manager that does nothing: measures tm itself.
-struct NoOp(String);
-
-struct NoOpSavepoint;
-impl ResourceSavepoint for NoOpSavepoint {
-    fn rollback(&self) -> Result<()> {
-        Ok(())
-    }
-}
-
-impl DataManager for NoOp {
-    fn sort_key(&self) -> &str {
-        &self.0
-    }
-    fn abort(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_begin(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn commit(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_vote(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_finish(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_abort(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn savepoint(&self, _: &Transaction) -> Result<Box<dyn ResourceSavepoint>> {
-        Ok(Box::new(NoOpSavepoint))
-    }
-}
+use tm::testing::NoOpDataManager;
+use tm::{DataManager, TransactionManager};
 
 fn no_ops(n: usize) -> Vec<Arc<dyn DataManager>> {
     (0..n)
-        .map(|i| Arc::new(NoOp(format!("noop{i:02}"))) as Arc<dyn DataManager>)
+        .map(|i| NoOpDataManager::new(&format!("noop{i:02}")) as Arc<dyn DataManager>)
         .collect()
 }
 

@@ -13,40 +13,14 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, BenchmarkId, Criterion};
 use tm::redis::testing::TestServer;
 use tm::redis::Store;
-use tm::{DataManager, Result, Transaction, TransactionManager};
-
-/// A second participant that does nothing, to make tm commit in two phases.
-struct NoOp;
-
-impl DataManager for NoOp {
-    fn sort_key(&self) -> &str {
-        "zz-noop"
-    }
-    fn abort(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_begin(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn commit(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_vote(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_finish(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_abort(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-}
+use tm::testing::NoOpDataManager;
+use tm::{DataManager, TransactionManager};
 
 fn bench_server(c: &mut Criterion, fsync: &str, server: &TestServer) {
     let store = Store::open(&server.url()).expect("open");
     let mut raw = store.client().get_connection().expect("raw connection");
     let tm = TransactionManager::explicit();
-    let noop: Arc<dyn DataManager> = Arc::new(NoOp);
+    let noop: Arc<dyn DataManager> = NoOpDataManager::new("zz-noop");
     let value = vec![b'v'; 32];
     let mut group = c.benchmark_group(format!("redis_{fsync}"));
     group
@@ -108,7 +82,7 @@ fn interleaved_ratios() {
         let store = Store::open(&server.url()).expect("open");
         let mut raw = store.client().get_connection().expect("raw connection");
         let tm = TransactionManager::explicit();
-        let noop: Arc<dyn DataManager> = Arc::new(NoOp);
+        let noop: Arc<dyn DataManager> = NoOpDataManager::new("zz-noop");
         let value = vec![b'v'; 32];
         for n in [1usize, 10] {
             let keys: Vec<String> = (0..n).map(|i| format!("bench:{i}")).collect();

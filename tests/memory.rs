@@ -11,11 +11,11 @@
 //! memory`), 200,000 in debug builds to stay quick; `cargo bench --bench
 //! memory` runs 1,000,000 (or more) in release and reports the numbers.
 
-use std::sync::Arc;
+#[path = "support/memory_workload.rs"]
+mod memory_workload;
 
-use tm::{DataManager, MemoryStore, ResourceSavepoint, Result, Transaction, TransactionManager};
+use memory_workload::{rss_kib, Workload, WARM_UP};
 
-const WARM_UP: u64 = 100_000;
 const RUN: u64 = if cfg!(debug_assertions) {
     200_000
 } else {
@@ -24,96 +24,20 @@ const RUN: u64 = if cfg!(debug_assertions) {
 /// Generous: a leak of even 8 bytes per transaction would show as 8 MB.
 const MAX_GROWTH_KIB: u64 = 8 * 1024;
 
-struct NoOp;
-struct NoOpSavepoint;
-
-impl ResourceSavepoint for NoOpSavepoint {
-    fn rollback(&self) -> Result<()> {
-        Ok(())
-    }
-}
-
-impl DataManager for NoOp {
-    fn sort_key(&self) -> &str {
-        "noop"
-    }
-    fn abort(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_begin(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn commit(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_vote(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_finish(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn tpc_abort(&self, _: &Transaction) -> Result<()> {
-        Ok(())
-    }
-    fn savepoint(&self, _: &Transaction) -> Result<Box<dyn ResourceSavepoint>> {
-        Ok(Box::new(NoOpSavepoint))
-    }
-}
-
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/self/status")
-}
-
-fn workload(
-    tm: &TransactionManager,
-    store: &MemoryStore<u64>,
-    noop: &Arc<dyn DataManager>,
-    from: u64,
-    n: u64,
-) {
-    for i in from..from + n {
-        let txn = tm.begin().unwrap();
-        let h = store.join(&txn).unwrap();
-        h.put(&format!("k{}", i % 1024), i);
-        txn.join(noop.clone()).unwrap();
-        if i % 100 == 0 {
-            txn.note("a note");
-        }
-        if i % 10 == 0 {
-            let sp = txn.savepoint().unwrap();
-            h.put(&format!("k{}", (i + 1) % 1024), i);
-            sp.rollback().unwrap();
-        }
-        if i % 7 == 0 {
-            txn.abort().unwrap();
-        } else {
-            txn.commit().unwrap();
-        }
-    }
-}
-
 #[test]
 fn many_transactions_do_not_grow_resident_memory() {
-    let tm = TransactionManager::explicit();
-    let store = MemoryStore::<u64>::new();
-    let noop: Arc<dyn DataManager> = Arc::new(NoOp);
-
-    workload(&tm, &store, &noop, 0, WARM_UP);
+    let w = Workload::new();
+    w.run(0, WARM_UP);
     let before = rss_kib();
-    workload(&tm, &store, &noop, WARM_UP, RUN);
+    w.run(WARM_UP, RUN);
     let after = rss_kib();
 
     let growth = after.saturating_sub(before);
     println!(
         "VmRSS after {WARM_UP} warm-up transactions: {before} KiB; after {RUN} more: {after} KiB (growth {growth} KiB)"
     );
-    assert!(!tm.in_transaction());
-    assert_eq!(store.prepared_count(), 0);
+    assert!(!w.tm.in_transaction());
+    assert_eq!(w.store.prepared_count(), 0);
     assert!(
         growth < MAX_GROWTH_KIB,
         "resident memory grew by {growth} KiB over {RUN} transactions ({before} -> {after} KiB)"

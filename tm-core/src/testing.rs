@@ -299,3 +299,67 @@ impl ResourceSavepoint for TestSavepoint {
         }
     }
 }
+
+/// A data manager that does nothing and always succeeds (savepoints
+/// included): a placeholder participant, e.g. to make a single real resource
+/// commit in two phases, or to measure tm itself.
+///
+/// ```
+/// use tm_core::testing::NoOpDataManager;
+/// use tm_core::TransactionManager;
+///
+/// let tm = TransactionManager::explicit();
+/// let txn = tm.begin()?;
+/// txn.join(NoOpDataManager::new("noop"))?;
+/// txn.savepoint()?.rollback()?;
+/// txn.commit()?;
+/// # Ok::<(), tm_core::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct NoOpDataManager {
+    sort_key: String,
+}
+
+impl NoOpDataManager {
+    /// A no-op participant with this sort key.
+    pub fn new(sort_key: &str) -> Arc<Self> {
+        Arc::new(NoOpDataManager {
+            sort_key: sort_key.to_owned(),
+        })
+    }
+}
+
+struct NoOpSavepoint;
+
+impl ResourceSavepoint for NoOpSavepoint {
+    fn rollback(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl DataManager for NoOpDataManager {
+    fn sort_key(&self) -> &str {
+        &self.sort_key
+    }
+    fn abort(&self, _txn: &Transaction) -> Result<()> {
+        Ok(())
+    }
+    fn tpc_begin(&self, _txn: &Transaction) -> Result<()> {
+        Ok(())
+    }
+    fn commit(&self, _txn: &Transaction) -> Result<()> {
+        Ok(())
+    }
+    fn tpc_vote(&self, _txn: &Transaction) -> Result<()> {
+        Ok(())
+    }
+    fn tpc_finish(&self, _txn: &Transaction) -> Result<()> {
+        Ok(())
+    }
+    fn tpc_abort(&self, _txn: &Transaction) -> Result<()> {
+        Ok(())
+    }
+    fn savepoint(&self, _txn: &Transaction) -> Result<Box<dyn ResourceSavepoint>> {
+        Ok(Box::new(NoOpSavepoint))
+    }
+}
