@@ -165,19 +165,39 @@ impl Drop for Transaction {
 /// Runs one protocol call on one resource, turning a panic into
 /// [`Error::Panicked`] so that the other resources still get their ending.
 fn call(dm: &Arc<dyn DataManager>, phase: Phase, f: impl FnOnce() -> Result<()>) -> Result<()> {
-    trace!(resource = dm.sort_key(), phase = phase.as_str(), "call");
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(result) => {
-            if let Err(err) = &result {
-                debug!(resource = dm.sort_key(), phase = phase.as_str(), error = %err, "resource failed");
-            }
-            result
-        }
-        Err(payload) => Err(Error::Panicked {
-            resource: dm.sort_key().to_owned(),
-            phase,
-            message: panic_message(&*payload),
-        }),
+    let mut f = Some(f);
+    each(
+        std::slice::from_ref(dm),
+        0,
+        phase,
+        |_| true,
+        |_| f.take().map_or(Ok(()), |f| f()),
+    )
+    .map_err(|(_, err)| err)
+}
+
+/// Runs one protocol phase on every resource `pick` selects, going on after
+/// failures (an ending must reach everyone): the failures, by index.
+fn each_all(
+    resources: &[Arc<dyn DataManager>],
+    phase: Phase,
+    pick: impl Fn(&Arc<dyn DataManager>) -> bool,
+    mut f: impl FnMut(&Arc<dyn DataManager>) -> Result<()>,
+) -> Vec<(usize, Error)> {
+    let mut failures = Vec::new();
+    let mut start = 0;
+    while let Err((i, err)) = each(resources, start, phase, &pick, &mut f) {
+        failures.push((i, err));
+        start = i + 1;
+    }
+    failures
+}
+
+/// Logs the failures of a cleanup that must not stop (the first error of
+/// the operation is what the caller reports).
+fn log_failures(resources: &[Arc<dyn DataManager>], failures: &[(usize, Error)], what: &str) {
+    for (i, err) in failures {
+        error!(resource = resources[*i].sort_key(), error = %err, "{what} failed");
     }
 }
 
@@ -190,7 +210,7 @@ fn each(
     start: usize,
     phase: Phase,
     pick: impl Fn(&Arc<dyn DataManager>) -> bool,
-    f: impl Fn(&Arc<dyn DataManager>) -> Result<()>,
+    mut f: impl FnMut(&Arc<dyn DataManager>) -> Result<()>,
 ) -> std::result::Result<(), (usize, Error)> {
     let current = std::cell::Cell::new(start);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -615,11 +635,8 @@ impl Transaction {
             st.resources_ended = true;
             st.resources.clone()
         };
-        for dm in &resources {
-            if let Err(cleanup) = call(dm, Phase::Abort, || dm.abort(self)) {
-                error!(resource = dm.sort_key(), error = %cleanup, "abort after a failed commit failed");
-            }
-        }
+        let failures = each_all(&resources, Phase::Abort, |_| true, |dm| dm.abort(self));
+        log_failures(&resources, &failures, "abort after a failed commit");
         debug!(error = %err, "commit failed before two-phase commit");
         self.run_after_commit_hooks(false);
         err
@@ -657,16 +674,15 @@ impl Transaction {
         // The decision. With a one-phase (last) resource, it is that
         // resource's own commit; a configured log records it just before, so
         // that a log kept inside that resource commits with it.
-        let log = self.inner.shared.decision_log.clone();
-        let logged = match &log {
+        // `logged`: the log holding this transaction's decision, if any.
+        let logged = match &self.inner.shared.decision_log {
             Some(log) if resources.iter().any(|dm| dm.can_prepare()) => {
-                let decision = self.decision(resources);
-                if let Err(err) = log.record_commit(&decision) {
+                if let Err(err) = log.record_commit(&self.decision(resources)) {
                     return Err(self.abort_before_decision(resources, resources.len(), err));
                 }
-                true
+                Some(log)
             }
-            _ => false,
+            _ => None,
         };
 
         // Indices of the resources that failed after the decision; the names
@@ -684,11 +700,9 @@ impl Transaction {
                 Ok(()) => last_committed = true,
                 Err(err) if !last_committed => {
                     // The first last resource refused: nothing is decided yet.
-                    if logged {
-                        if let Some(log) = &log {
-                            if let Err(forget) = log.forget(&self.inner.id) {
-                                error!(error = %forget, "could not withdraw the commit decision after the last resource failed");
-                            }
+                    if let Some(log) = logged {
+                        if let Err(forget) = log.forget(&self.inner.id) {
+                            error!(error = %forget, "could not withdraw the commit decision after the last resource failed");
                         }
                     }
                     return Err(self.abort_before_decision(resources, resources.len(), err));
@@ -703,23 +717,19 @@ impl Transaction {
             }
         }
 
-        let mut start = 0;
-        while let Err((i, err)) = each(resources, start, Phase::TpcFinish, prepares, |dm| {
+        for (i, err) in each_all(resources, Phase::TpcFinish, prepares, |dm| {
             dm.tpc_finish(self)
         }) {
             error!(resource = resources[i].sort_key(), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recover()");
             failed.push(i);
-            start = i + 1;
         }
 
         if failed.is_empty() {
-            if logged {
-                if let Some(log) = &log {
-                    // Losing this record only makes recovery finish an already
-                    // finished transaction again, which is idempotent.
-                    if let Err(err) = log.forget(&self.inner.id) {
-                        warn!(error = %err, "could not forget a completed decision");
-                    }
+            if let Some(log) = logged {
+                // Losing this record only makes recovery finish an already
+                // finished transaction again, which is idempotent.
+                if let Err(err) = log.forget(&self.inner.id) {
+                    warn!(error = %err, "could not forget a completed decision");
                 }
             }
             Ok(())
@@ -757,7 +767,7 @@ impl Transaction {
         let participants = resources.iter().filter_map(|dm| dm.recovery_id()).collect();
         let mut metadata = BTreeMap::new();
         if let Some(extras) = &st.extras {
-            metadata = extras.extension.clone();
+            metadata.clone_from(&extras.extension);
             if !extras.user.is_empty() {
                 metadata.insert("user".to_owned(), extras.user.clone());
             }
@@ -776,16 +786,11 @@ impl Transaction {
         begun: usize,
         err: Error,
     ) -> Error {
-        for (i, dm) in resources.iter().enumerate() {
-            let cleanup = if i < begun {
-                call(dm, Phase::TpcAbort, || dm.tpc_abort(self))
-            } else {
-                call(dm, Phase::Abort, || dm.abort(self))
-            };
-            if let Err(cleanup) = cleanup {
-                error!(resource = dm.sort_key(), error = %cleanup, "cleanup after a failed commit failed");
-            }
-        }
+        let (begun, rest) = resources.split_at(begun);
+        let failures = each_all(begun, Phase::TpcAbort, |_| true, |dm| dm.tpc_abort(self));
+        log_failures(begun, &failures, "tpc_abort after a failed commit");
+        let failures = each_all(rest, Phase::Abort, |_| true, |dm| dm.abort(self));
+        log_failures(rest, &failures, "abort after a failed commit");
         err
     }
 
@@ -814,35 +819,24 @@ impl Transaction {
                 st.resources.clone()
             }
         };
-        let mut first: Option<Error> = None;
-        for dm in &resources {
-            if let Err(err) = call(dm, Phase::Abort, || dm.abort(self)) {
-                error!(resource = dm.sort_key(), error = %err, "abort failed");
-                first.get_or_insert(err);
+        let failures = each_all(&resources, Phase::Abort, |_| true, |dm| dm.abort(self));
+        log_failures(&resources, &failures, "abort");
+        self.run_abort_hooks(false);
+        {
+            let mut st = self.inner.state.lock();
+            self.set_status(Status::Aborted);
+            st.savepoints.clear();
+            if let Some(extras) = st.extras.as_deref_mut() {
+                extras.before_commit.clear();
             }
         }
-        self.run_abort_hooks(false);
-        self.finish_status(Status::Aborted);
         debug!("aborted");
         self.synchs_after_completion();
         self.clear_data();
         self.inner.shared.forget(self);
-        match first {
-            Some(err) => Err(err),
+        match failures.into_iter().next() {
+            Some((_, err)) => Err(err),
             None => Ok(()),
-        }
-    }
-
-    fn finish_status(&self, status: Status) {
-        let mut st = self.inner.state.lock();
-        self.set_status(status);
-        st.savepoints.clear();
-        if let Some(extras) = st.extras.as_deref_mut() {
-            extras.before_commit.clear();
-            if status == Status::Committed {
-                extras.before_abort.clear();
-                extras.after_abort.clear();
-            }
         }
     }
 
@@ -995,13 +989,11 @@ impl Transaction {
             let keep = joined_before.min(st.resources.len());
             st.resources.split_off(keep)
         };
-        let mut first: Option<Error> = None;
         // Resources joined after the savepoint leave the transaction.
-        for dm in &joined_after {
-            if let Err(err) = call(dm, Phase::Abort, || dm.abort(self)) {
-                first.get_or_insert(err);
-            }
-        }
+        let mut first = each_all(&joined_after, Phase::Abort, |_| true, |dm| dm.abort(self))
+            .into_iter()
+            .next()
+            .map(|(_, err)| err);
         for (dm, sp) in entries {
             let result = match sp {
                 Some(sp) => call(dm, Phase::Rollback, || sp.rollback()),
