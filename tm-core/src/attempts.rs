@@ -2,14 +2,13 @@
 
 use std::cell::Cell;
 use std::fmt;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::Duration;
 
 use tracing::{debug, warn};
 
 use crate::error::Error;
-use crate::manager::{abort_logged, is_retryable_in, TransactionManager, TxError};
+use crate::manager::{abort_logged, run_in, TransactionManager, TxError};
 use crate::transaction::Transaction;
 
 /// The pause between attempts.
@@ -227,49 +226,33 @@ impl Attempt {
         if let Some(note) = note {
             txn.note(note);
         }
-        let outcome = catch_unwind(AssertUnwindSafe(|| f(&txn)));
-        // Retryability is decided before the abort (which forgets the
-        // resources), and on tm's own error before it becomes an `E` that
-        // may hide it (an `#[error(transparent)]` variant).
-        let (err, retryable): (E, bool) = match outcome {
-            Err(payload) => {
-                self.progress.done.set(true);
-                abort_logged(&txn);
-                resume_unwind(payload)
-            }
-            Ok(Ok(value)) => match txn.commit() {
-                Ok(()) => {
-                    self.progress.done.set(true);
-                    return Ok(Some(value));
-                }
-                Err(err) => {
-                    let retryable = is_retryable_in(Some(&txn), &err);
-                    (err.into(), retryable)
-                }
-            },
-            Ok(Err(err)) => {
-                let retryable = err
-                    .tm_error()
-                    .is_some_and(|e| is_retryable_in(Some(&txn), e))
-                    || err
-                        .as_std_error()
-                        .is_some_and(|e| is_retryable_in(Some(&txn), e));
-                (err, retryable)
-            }
+        // Pessimistic: a panic in `f` ends the loop too.
+        self.progress.done.set(true);
+        let failure = match run_in(&txn, f) {
+            Ok(value) => return Ok(Some(value)),
+            Err(failure) => failure,
         };
+        let retryable = failure.is_retryable(&txn);
         abort_logged(&txn);
-        let described = err
-            .as_std_error()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = failure.into_error();
+        let shown = err.as_std_error().map(tracing::field::display);
         if retryable && !self.is_last() {
-            debug!(attempt = self.number, of = self.total, error = %described, "retryable failure; retrying");
+            debug!(
+                attempt = self.number,
+                of = self.total,
+                error = shown,
+                "retryable failure; retrying"
+            );
+            self.progress.done.set(false);
             self.progress.retry_pending.set(true);
             return Ok(None);
         }
-        self.progress.done.set(true);
         if retryable {
-            warn!(attempts = self.number, error = %described, "giving up: every attempt failed with a retryable error");
+            warn!(
+                attempts = self.number,
+                error = shown,
+                "giving up: every attempt failed with a retryable error"
+            );
         }
         Err(err)
     }

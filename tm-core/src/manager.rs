@@ -48,7 +48,7 @@ impl Shared {
     }
 
     pub(crate) fn synchs_if_any(&self) -> Option<Arc<[Arc<dyn Synchronizer>]>> {
-        if self.has_synchs.load(Ordering::Acquire) {
+        if self.has_synchs() {
             Some(self.synchs())
         } else {
             None
@@ -561,23 +561,10 @@ impl TransactionManager {
             return self.atomic_nested(&txn, f);
         }
         let txn = self.begin()?;
-        match catch_unwind(AssertUnwindSafe(|| f(&txn))) {
-            Ok(Ok(value)) => match txn.commit() {
-                Ok(()) => Ok(value),
-                Err(err) => {
-                    abort_logged(&txn);
-                    Err(err.into())
-                }
-            },
-            Ok(Err(err)) => {
-                abort_logged(&txn);
-                Err(err)
-            }
-            Err(payload) => {
-                abort_logged(&txn);
-                resume_unwind(payload)
-            }
-        }
+        run_in(&txn, f).map_err(|failure| {
+            abort_logged(&txn);
+            failure.into_error()
+        })
     }
 
     fn atomic_nested<T, E, F>(&self, txn: &Transaction, f: F) -> Result<T, E>
@@ -611,10 +598,7 @@ impl TransactionManager {
     /// ([`DataManager::should_retry`](crate::DataManager::should_retry)).
     /// [`Error::Heuristic`] is never retryable.
     pub fn is_retryable(&self, err: &(dyn std::error::Error + 'static)) -> bool {
-        match self.shared.current() {
-            Some(txn) => is_retryable_in(Some(&txn), err),
-            None => is_retryable_in(None, err),
-        }
+        is_retryable_in(self.shared.current().as_ref(), err)
     }
 
     /// [`Error::AlreadyInTransaction`] if this thread has a current
@@ -625,6 +609,57 @@ impl TransactionManager {
         } else {
             Ok(())
         }
+    }
+}
+
+/// Why running work in one transaction failed. The transaction is left
+/// open, so that the caller can still ask its resources whether to retry
+/// before aborting it.
+pub(crate) enum RunFailure<E> {
+    /// The caller's closure returned an error.
+    Work(E),
+    /// The commit failed (tm's own error, before it becomes an `E` that may
+    /// hide it behind an `#[error(transparent)]` variant).
+    Commit(Error),
+}
+
+impl<E: TxError> RunFailure<E> {
+    pub(crate) fn into_error(self) -> E {
+        match self {
+            RunFailure::Work(err) => err,
+            RunFailure::Commit(err) => err.into(),
+        }
+    }
+
+    /// Decided before the abort, which forgets the resources.
+    pub(crate) fn is_retryable(&self, txn: &Transaction) -> bool {
+        match self {
+            RunFailure::Commit(err) => is_retryable_in(Some(txn), err),
+            RunFailure::Work(err) => {
+                err.tm_error()
+                    .is_some_and(|e| is_retryable_in(Some(txn), e))
+                    || err
+                        .as_std_error()
+                        .is_some_and(|e| is_retryable_in(Some(txn), e))
+            }
+        }
+    }
+}
+
+/// Runs `f` in `txn` and commits on `Ok`: the one place that turns a
+/// closure into a committed transaction (`atomic`, `Attempt::run`). A panic
+/// in `f` aborts the transaction and propagates.
+pub(crate) fn run_in<T, E, F>(txn: &Transaction, f: F) -> Result<T, RunFailure<E>>
+where
+    F: FnOnce(&Transaction) -> Result<T, E>,
+{
+    match catch_unwind(AssertUnwindSafe(|| f(txn))) {
+        Err(payload) => {
+            abort_logged(txn);
+            resume_unwind(payload)
+        }
+        Ok(Err(err)) => Err(RunFailure::Work(err)),
+        Ok(Ok(value)) => txn.commit().map(|()| value).map_err(RunFailure::Commit),
     }
 }
 
