@@ -104,6 +104,21 @@ impl<V> StoreState<V> {
         }
     }
 
+    /// Applies a prepared transaction and releases its locks (idempotent).
+    fn finish_prepared(&mut self, txid: &TxId) {
+        if let Some(prepared) = self.prepared.remove(txid) {
+            self.release(txid, &prepared);
+            self.apply(prepared.writes);
+        }
+    }
+
+    /// Drops a prepared transaction and releases its locks (idempotent).
+    fn abort_prepared(&mut self, txid: &TxId) {
+        if let Some(prepared) = self.prepared.remove(txid) {
+            self.release(txid, &prepared);
+        }
+    }
+
     fn release(&mut self, txid: &TxId, prepared: &Prepared<V>) {
         for (key, _) in &prepared.writes {
             if matches!(self.locks.get(key), Some(Lock::Write(holder)) if holder == txid) {
@@ -228,19 +243,12 @@ impl<V: Clone + Send + Sync + 'static> Recoverable for MemoryStore<V> {
     }
 
     fn commit_prepared(&self, txid: &TxId) -> Result<()> {
-        let mut st = self.inner.state.lock();
-        if let Some(prepared) = st.prepared.remove(txid) {
-            st.release(txid, &prepared);
-            st.apply(prepared.writes);
-        }
+        self.inner.state.lock().finish_prepared(txid);
         Ok(())
     }
 
     fn abort_prepared(&self, txid: &TxId) -> Result<()> {
-        let mut st = self.inner.state.lock();
-        if let Some(prepared) = st.prepared.remove(txid) {
-            st.release(txid, &prepared);
-        }
+        self.inner.state.lock().abort_prepared(txid);
         Ok(())
     }
 }
@@ -289,7 +297,8 @@ impl<V: Clone + Send + Sync + 'static> MemoryHandle<V> {
         Ok(value)
     }
 
-    /// Buffers a write of `key` (ignored once the transaction has ended).
+    /// Buffers a write of `key` (ignored, with a warning, once the
+    /// transaction has voted or ended).
     pub fn put(&self, key: &str, value: V) {
         self.res.state.lock().write(key, Some(value));
     }
@@ -326,6 +335,10 @@ impl<V> Default for TxnState<V> {
 impl<V> TxnState<V> {
     fn write(&mut self, key: &str, value: Option<V>) {
         if self.ended {
+            tracing::warn!(
+                key,
+                "write through the handle of a transaction that has voted or ended: ignored"
+            );
             return;
         }
         // Append (never overwrite in place): a savepoint is a length.
@@ -422,7 +435,7 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
     }
 
     fn tpc_vote(&self, _txn: &Transaction) -> Result<()> {
-        let t = self.state.lock();
+        let mut t = self.state.lock();
         let mut st = self.store.state.lock();
         self.validate(&st, &t, Phase::TpcVote)?;
         for (key, _) in &t.writes {
@@ -445,13 +458,13 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
                 Lock::Write(_) => {}
             }
         }
-        st.prepared.insert(
-            self.txid,
-            Prepared {
-                writes: t.writes.clone(),
-                read_keys,
-            },
-        );
+        // The prepared record owns the writes now: the transaction cannot
+        // read or write any more once it votes.
+        let writes = std::mem::take(&mut t.writes);
+        t.index.clear();
+        t.ended = true;
+        st.prepared
+            .insert(self.txid, Prepared { writes, read_keys });
         Ok(())
     }
 
@@ -464,10 +477,7 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
         }
         self.end();
         let mut st = self.store.state.lock();
-        if let Some(prepared) = st.prepared.remove(&self.txid) {
-            st.release(&self.txid, &prepared);
-            st.apply(prepared.writes);
-        }
+        st.finish_prepared(&self.txid);
         self.forget_open(&mut st);
         Ok(())
     }
@@ -475,9 +485,7 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
     fn tpc_abort(&self, _txn: &Transaction) -> Result<()> {
         self.end();
         let mut st = self.store.state.lock();
-        if let Some(prepared) = st.prepared.remove(&self.txid) {
-            st.release(&self.txid, &prepared);
-        }
+        st.abort_prepared(&self.txid);
         self.forget_open(&mut st);
         Ok(())
     }

@@ -3,8 +3,13 @@
 mod common;
 
 use common::*;
+use std::sync::Arc;
 use tm_core::testing::{CallLog, TestDataManager};
-use tm_core::{Error, MemoryStore, Phase, Recoverable, Status, TransactionManager};
+
+use tm_core::{
+    DataManager, Error, MemoryHandle, MemoryStore, Phase, Recoverable, Status, Transaction,
+    TransactionManager,
+};
 
 #[test]
 fn a_transaction_reads_its_own_writes_and_deletes() {
@@ -252,4 +257,60 @@ fn stores_are_send_sync_and_clone_shares_the_data() {
     .unwrap();
     assert_eq!(store.committed("k"), Some(9));
     assert_eq!(clone.name(), "shared");
+}
+
+/// Reads through a captured handle from its own `tpc_finish`, which runs
+/// after the store voted.
+struct ReadsAfterVote {
+    handle: MemoryHandle<i64>,
+    seen: parking_lot::Mutex<Option<bool>>,
+}
+
+impl DataManager for ReadsAfterVote {
+    fn sort_key(&self) -> &str {
+        "zz-reader"
+    }
+    fn abort(&self, _: &Transaction) -> tm_core::Result<()> {
+        Ok(())
+    }
+    fn tpc_begin(&self, _: &Transaction) -> tm_core::Result<()> {
+        Ok(())
+    }
+    fn commit(&self, _: &Transaction) -> tm_core::Result<()> {
+        Ok(())
+    }
+    fn tpc_vote(&self, _: &Transaction) -> tm_core::Result<()> {
+        Ok(())
+    }
+    fn tpc_finish(&self, _: &Transaction) -> tm_core::Result<()> {
+        *self.seen.lock() = Some(matches!(self.handle.get("k"), Err(Error::Closed)));
+        Ok(())
+    }
+    fn tpc_abort(&self, _: &Transaction) -> tm_core::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_handle_is_closed_once_its_store_has_voted_and_the_vote_keeps_every_write() {
+    let store = MemoryStore::<i64>::new();
+    let tm = tm();
+    let txn = tm.begin().unwrap();
+    let h = store.join(&txn).unwrap();
+    h.put("k", 1);
+    h.put("k", 2);
+    h.put("j", 3);
+    let reader = Arc::new(ReadsAfterVote {
+        handle: h.clone(),
+        seen: parking_lot::Mutex::new(None),
+    });
+    txn.join(reader.clone()).unwrap();
+    txn.commit().unwrap();
+    assert_eq!(
+        *reader.seen.lock(),
+        Some(true),
+        "reads after the vote are refused"
+    );
+    assert_eq!(store.committed("k"), Some(2));
+    assert_eq!(store.committed("j"), Some(3));
 }
