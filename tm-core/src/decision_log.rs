@@ -19,7 +19,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use tracing::warn;
 
 use crate::error::{Error, Result};
@@ -67,7 +67,12 @@ const KIND_FORGET: u8 = 2;
 /// Once every decision is forgotten, a log larger than this is emptied.
 const COMPACT_AT: u64 = 1 << 20;
 
-/// An append-only file of checksummed records, `fsync`ed on every decision.
+/// An append-only file of checksummed records, `fsync`ed before a
+/// decision is acknowledged.
+///
+/// Concurrent decisions share an `fsync` (group commit): the write happens
+/// under the log's lock, the `fsync` outside it, and every decision written
+/// before an `fsync` started is durable when it returns.
 ///
 /// A torn last record (a crash mid-write) is detected by its length or
 /// checksum and cut off when the log is opened; every record before it is
@@ -87,11 +92,19 @@ const COMPACT_AT: u64 = 1 << 20;
 pub struct FileDecisionLog {
     path: PathBuf,
     inner: Mutex<LogFile>,
+    /// Signalled when an `fsync` ends.
+    synced_cv: Condvar,
+    /// A second handle on the file, for `fsync` without the lock.
+    sync_handle: File,
 }
 
 struct LogFile {
     file: File,
     len: u64,
+    /// Bytes known durable.
+    synced: u64,
+    /// An `fsync` is running (outside the lock).
+    syncing: bool,
     pending: BTreeMap<TxId, Decision>,
 }
 
@@ -139,13 +152,18 @@ impl FileDecisionLog {
             file.sync_all().map_err(err)?;
         }
         file.seek(SeekFrom::Start(good)).map_err(err)?;
+        let sync_handle = file.try_clone().map_err(err)?;
         Ok(FileDecisionLog {
             path,
             inner: Mutex::new(LogFile {
                 file,
                 len: good,
+                synced: good,
+                syncing: false,
                 pending,
             }),
+            synced_cv: Condvar::new(),
+            sync_handle,
         })
     }
 
@@ -154,7 +172,28 @@ impl FileDecisionLog {
         &self.path
     }
 
-    fn append(&self, inner: &mut LogFile, body: &[u8], sync: bool) -> Result<()> {
+    /// Waits until the first `end` bytes are durable, running the `fsync`
+    /// itself unless another caller's covers them.
+    fn sync_upto(&self, inner: &mut MutexGuard<'_, LogFile>, end: u64) -> Result<()> {
+        loop {
+            if inner.synced >= end {
+                return Ok(());
+            }
+            if inner.syncing {
+                self.synced_cv.wait(inner);
+                continue;
+            }
+            inner.syncing = true;
+            let target = inner.len;
+            let result = MutexGuard::unlocked(inner, || self.sync_handle.sync_data());
+            inner.syncing = false;
+            self.synced_cv.notify_all();
+            result.map_err(|e| log_error(&self.path, e))?;
+            inner.synced = inner.synced.max(target);
+        }
+    }
+
+    fn append(&self, inner: &mut LogFile, body: &[u8]) -> Result<()> {
         let mut record = Vec::with_capacity(body.len() + 8);
         record.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_le_bytes());
         record.extend_from_slice(&crc32(body).to_le_bytes());
@@ -167,9 +206,6 @@ impl FileDecisionLog {
             return Err(err(e));
         }
         inner.len += record.len() as u64;
-        if sync {
-            inner.file.sync_data().map_err(err)?;
-        }
         Ok(())
     }
 }
@@ -197,8 +233,15 @@ impl DecisionLog for FileDecisionLog {
     fn record_commit(&self, decision: &Decision) -> Result<()> {
         let body = encode_commit(decision);
         let mut inner = self.inner.lock();
-        self.append(&mut inner, &body, true)?;
+        self.append(&mut inner, &body)?;
+        // Pending before the fsync, so that a concurrent `forget` never
+        // compacts the file under it.
         inner.pending.insert(decision.txid, decision.clone());
+        let end = inner.len;
+        if let Err(err) = self.sync_upto(&mut inner, end) {
+            inner.pending.remove(&decision.txid);
+            return Err(err);
+        }
         Ok(())
     }
 
@@ -207,7 +250,7 @@ impl DecisionLog for FileDecisionLog {
         if inner.pending.remove(txid).is_none() {
             return Ok(());
         }
-        if inner.pending.is_empty() && inner.len > COMPACT_AT {
+        if inner.pending.is_empty() && inner.len > COMPACT_AT && !inner.syncing {
             let err = |e| log_error(&self.path, e);
             inner.file.set_len(MAGIC.len() as u64).map_err(err)?;
             inner
@@ -216,12 +259,13 @@ impl DecisionLog for FileDecisionLog {
                 .map_err(err)?;
             inner.file.sync_data().map_err(err)?;
             inner.len = MAGIC.len() as u64;
+            inner.synced = inner.len;
             return Ok(());
         }
         let mut body = Vec::with_capacity(17);
         body.push(KIND_FORGET);
         put_txid(&mut body, txid);
-        self.append(&mut inner, &body, false)
+        self.append(&mut inner, &body)
     }
 
     fn pending(&self) -> Result<Vec<Decision>> {
@@ -408,6 +452,50 @@ mod tests {
             let log = FileDecisionLog::open(&path).unwrap();
             assert_eq!(log.pending().unwrap().len(), 2);
         }
+    }
+
+    #[test]
+    fn concurrent_decisions_share_fsyncs_and_all_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let log = std::sync::Arc::new(FileDecisionLog::open(&path).unwrap());
+        let ids: Vec<TxId> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let log = log.clone();
+                    s.spawn(move || {
+                        (0..50)
+                            .map(|i| {
+                                let id = TxId::new();
+                                let d = Decision::new(id, vec![format!("p{i}")], BTreeMap::new());
+                                log.record_commit(&d).unwrap();
+                                id
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
+        });
+        let inner = log.inner.lock();
+        assert_eq!(inner.synced, inner.len, "every acknowledged byte is synced");
+        assert!(!inner.syncing);
+        drop(inner);
+        drop(log);
+        let reopened = FileDecisionLog::open(&path).unwrap();
+        let mut pending: Vec<TxId> = reopened
+            .pending()
+            .unwrap()
+            .into_iter()
+            .map(|d| d.txid)
+            .collect();
+        let mut expected = ids;
+        pending.sort();
+        expected.sort();
+        assert_eq!(pending, expected);
     }
 
     #[test]
