@@ -87,6 +87,12 @@ struct TxnState {
     layout: Option<Layout>,
 }
 
+/// Why a call to the server has no reply: the error, and whether it may
+/// have run all the same (sent, then the connection failed).
+type Unsent = (Error, bool);
+/// The reply of a vote-like call, or why there is none.
+type Sent = std::result::Result<Value, Unsent>;
+
 /// The KEYS of a transaction's function calls: `[record, tombstone,
 /// untagged tombstone,]` then a triple (data key, write lock, read lock) per
 /// key, the keys only read first.
@@ -722,71 +728,117 @@ impl RedisTxn {
     /// Sends a vote-like call (tm_prepare or tm_commit): inside MULTI/EXEC on
     /// the watching connection when the transaction read anything, alone
     /// otherwise. `Ok(reply)` is the function's reply; a changed watched key
-    /// is a conflict.
+    /// is a conflict. Alone, a missing function ran nothing and used up no
+    /// WATCH: the library is loaded again and the call resent once. In the
+    /// `Err`, `true` means the outcome is unknown (sent, no reply).
     fn send_checked(
         &self,
         st: &mut TxnState,
         packed_fcall: &[u8],
         function: &str,
         phase: Phase,
-    ) -> std::result::Result<Value, (Error, bool)> {
-        let watching = st.watching;
+    ) -> Sent {
+        if !st.watching {
+            let reply = self.send_once(st, packed_fcall, 1, function, phase)?.pop();
+            return match reply {
+                Some(Value::ServerError(e)) if is_function_missing(&e) => {
+                    self.store.load_functions(phase).map_err(|e| (e, false))?;
+                    let reply = self.send_once(st, packed_fcall, 1, function, phase)?.pop();
+                    Ok(reply.unwrap_or(Value::Nil))
+                }
+                other => Ok(other.unwrap_or(Value::Nil)),
+            };
+        }
+        let mut buf = Vec::with_capacity(packed_fcall.len() + 32);
+        conn::command(&mut buf, &[b"MULTI"]);
+        buf.extend_from_slice(packed_fcall);
+        conn::command(&mut buf, &[b"EXEC"]);
+        st.watching = false;
+        let mut replies = self.send_once(st, &buf, 3, function, phase)?.into_iter();
+        let _multi = replies.next();
+        let queued = replies.next();
+        match replies.next() {
+            Some(Value::Nil) => Err((
+                Error::Conflict {
+                    server: self.server().to_owned(),
+                    phase,
+                    detail: "a key this transaction read was changed by another client".to_owned(),
+                },
+                false,
+            )),
+            Some(Value::Array(mut items)) if items.len() == 1 => Ok(items.remove(0)),
+            // EXECABORT: the queued call itself was refused.
+            Some(Value::ServerError(e)) => Ok(match queued {
+                Some(Value::ServerError(q)) => Value::ServerError(q),
+                _ => Value::ServerError(e),
+            }),
+            other => Err((
+                self.store
+                    .unexpected(phase, "EXEC", &other.unwrap_or(Value::Nil)),
+                false,
+            )),
+        }
+    }
+
+    /// One request (`count` commands) on the transaction's connection (or a
+    /// pooled one), which then goes back to the pool.
+    fn send_once(
+        &self,
+        st: &mut TxnState,
+        buf: &[u8],
+        count: usize,
+        function: &str,
+        phase: Phase,
+    ) -> std::result::Result<Vec<Value>, Unsent> {
         let mut conn = match st.conn.take() {
             Some(c) => c,
             None => self.store.connection().map_err(|e| (e, false))?,
         };
-        let (buf, count) = if watching {
-            let mut buf = Vec::with_capacity(packed_fcall.len() + 32);
-            conn::command(&mut buf, &[b"MULTI"]);
-            buf.extend_from_slice(packed_fcall);
-            conn::command(&mut buf, &[b"EXEC"]);
-            (buf, 3)
-        } else {
-            (packed_fcall.to_vec(), 1)
-        };
-        st.watching = false;
-        let replies = match conn.request(&buf, count) {
+        let replies = match conn.request(buf, count) {
             Ok(r) => r,
-            Err(source) => {
-                // Sent, but the outcome is unknown.
-                return Err((self.store.command_error(phase, function, source), true));
-            }
+            // Sent, but the outcome is unknown.
+            Err(source) => return Err((self.store.command_error(phase, function, source), true)),
         };
         self.store.release(conn);
-        let mut replies = replies.into_iter();
-        let reply = if watching {
-            let _multi = replies.next();
-            let queued = replies.next();
-            match replies.next() {
-                Some(Value::Nil) => {
-                    return Err((
-                        Error::Conflict {
-                            server: self.server().to_owned(),
-                            phase,
-                            detail: "a key this transaction read was changed by another client"
-                                .to_owned(),
-                        },
-                        false,
-                    ))
-                }
-                Some(Value::Array(mut items)) if items.len() == 1 => items.remove(0),
-                // EXECABORT: the queued call itself was refused.
-                Some(Value::ServerError(e)) => match queued {
-                    Some(Value::ServerError(q)) => Value::ServerError(q),
-                    _ => Value::ServerError(e),
-                },
-                other => {
-                    return Err((
-                        self.store
-                            .unexpected(phase, "EXEC", &other.unwrap_or(Value::Nil)),
-                        false,
-                    ))
-                }
-            }
-        } else {
-            replies.next().unwrap_or(Value::Nil)
-        };
-        Ok(reply)
+        Ok(replies)
+    }
+
+    /// The vote (`tm_prepare`, with a record) or the one-phase commit
+    /// (`tm_commit`): one call with the layout's KEYS and ARGV `txid nread
+    /// [key list] write-set...`. `Ok(None)`: nothing read or written, so
+    /// nothing to send.
+    fn call_write_set(&self, st: &mut TxnState, phase: Phase) -> Result<Option<(Layout, Sent)>> {
+        if st.stage != Stage::Active {
+            return Err(Self::closed());
+        }
+        if st.watches_lost {
+            return Err(self.lost_watches(phase));
+        }
+        let prepare = phase == Phase::TpcVote;
+        let (layout, triple) = self.layout(st, prepare);
+        // Nothing read and nothing written. (A queued command listing no
+        // keys is still a write: it must not be dropped.)
+        if layout.data.is_empty() && st.ops.is_empty() {
+            return Ok(None);
+        }
+        let function = if prepare { "tm_prepare" } else { "tm_commit" };
+        let nread = layout.nread.to_string();
+        let blob = prepare.then(|| encode_keys(layout.nread, &layout.data));
+        let mut buf = Vec::new();
+        fcall_head(
+            &mut buf,
+            function,
+            &layout.keys,
+            2 + usize::from(prepare) + Self::write_set_len(st),
+        );
+        conn::arg(&mut buf, self.id.as_bytes());
+        conn::arg(&mut buf, nread.as_bytes());
+        if let Some(blob) = &blob {
+            conn::arg(&mut buf, blob);
+        }
+        Self::append_write_set(&mut buf, st, &triple);
+        let reply = self.send_checked(st, &buf, function, phase);
+        Ok(Some((layout, reply)))
     }
 
     fn end(&self, st: &mut TxnState) {
@@ -814,101 +866,45 @@ impl RedisTxn {
     }
 
     fn do_vote(&self, st: &mut TxnState) -> Result<()> {
-        if st.stage != Stage::Active {
-            return Err(Self::closed());
-        }
-        if st.watches_lost {
-            st.stage = Stage::Refused;
-            return Err(self.lost_watches(Phase::TpcVote));
-        }
-        let (layout, triple) = self.layout(st, true);
-        // Nothing read and nothing written. (A queued command listing no
-        // keys is still a write: it must not be dropped.)
-        if layout.data.is_empty() && st.ops.is_empty() {
-            st.stage = Stage::Prepared;
-            return Ok(());
-        }
-        let nread = layout.nread.to_string();
-        let blob = encode_keys(layout.nread, &layout.data);
-        let mut buf = Vec::new();
-        fcall_head(
-            &mut buf,
-            "tm_prepare",
-            &layout.keys,
-            3 + Self::write_set_len(st),
-        );
-        conn::arg(&mut buf, self.id.as_bytes());
-        conn::arg(&mut buf, nread.as_bytes());
-        conn::arg(&mut buf, &blob);
-        Self::append_write_set(&mut buf, st, &triple);
-        st.stage = Stage::VoteUnknown;
-        let reply = match self.send_checked(st, &buf, "tm_prepare", Phase::TpcVote) {
-            Ok(r) => r,
-            Err((err, unknown)) => {
-                if unknown {
-                    st.layout = Some(layout);
-                } else {
+        let sent = self.call_write_set(st, Phase::TpcVote);
+        let (layout, reply) = match sent {
+            Ok(Some(sent)) => sent,
+            Ok(None) => {
+                st.stage = Stage::Prepared;
+                return Ok(());
+            }
+            Err(err) => {
+                if st.stage == Stage::Active {
                     st.stage = Stage::Refused;
                 }
                 return Err(err);
             }
         };
-        match reply {
-            Value::Int(1) => {
-                st.stage = Stage::Prepared;
-                st.layout = Some(layout);
-                Ok(())
-            }
-            Value::ServerError(e) => {
-                st.stage = Stage::Refused;
-                Err(self.refusal(st, &layout, Phase::TpcVote, "tm_prepare", e))
-            }
-            other => {
-                st.stage = Stage::VoteUnknown;
-                st.layout = Some(layout);
-                Err(self.store.unexpected(Phase::TpcVote, "tm_prepare", &other))
-            }
+        let (stage, result) = match reply {
+            Ok(Value::Int(1)) => (Stage::Prepared, Ok(())),
+            Ok(Value::ServerError(e)) => (
+                Stage::Refused,
+                Err(self.refusal(st, &layout, Phase::TpcVote, "tm_prepare", e)),
+            ),
+            Ok(other) => (
+                Stage::VoteUnknown,
+                Err(self.store.unexpected(Phase::TpcVote, "tm_prepare", &other)),
+            ),
+            Err((err, true)) => (Stage::VoteUnknown, Err(err)),
+            Err((err, false)) => (Stage::Refused, Err(err)),
+        };
+        st.stage = stage;
+        if stage != Stage::Refused {
+            st.layout = Some(layout);
         }
+        result
     }
 
     fn do_commit_one_phase(&self, st: &mut TxnState) -> Result<()> {
-        if st.stage != Stage::Active {
-            return Err(Self::closed());
-        }
-        if st.watches_lost {
-            return Err(self.lost_watches(Phase::CommitOnePhase));
-        }
-        let (layout, triple) = self.layout(st, false);
-        if layout.data.is_empty() && st.ops.is_empty() {
+        let Some((layout, reply)) = self.call_write_set(st, Phase::CommitOnePhase)? else {
             return Ok(());
-        }
-        let nread = layout.nread.to_string();
-        let mut buf = Vec::new();
-        fcall_head(
-            &mut buf,
-            "tm_commit",
-            &layout.keys,
-            2 + Self::write_set_len(st),
-        );
-        conn::arg(&mut buf, self.id.as_bytes());
-        conn::arg(&mut buf, nread.as_bytes());
-        Self::append_write_set(&mut buf, st, &triple);
-        let watching = st.watching;
-        let mut reply = self
-            .send_checked(st, &buf, "tm_commit", Phase::CommitOnePhase)
-            .map_err(|(e, _)| e)?;
-        if !watching {
-            if let Value::ServerError(e) = &reply {
-                if is_function_missing(e) {
-                    // Nothing ran and nothing was watched: load and resend.
-                    self.store.load_functions(Phase::CommitOnePhase)?;
-                    reply = self
-                        .send_checked(st, &buf, "tm_commit", Phase::CommitOnePhase)
-                        .map_err(|(e, _)| e)?;
-                }
-            }
-        }
-        match reply {
+        };
+        match reply.map_err(|(e, _)| e)? {
             Value::Array(failures) if failures.is_empty() => Ok(()),
             Value::Array(failures) => Err(Error::PartialApply {
                 server: self.server().to_owned(),

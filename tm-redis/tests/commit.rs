@@ -567,3 +567,25 @@ fn handle_and_store_are_send_sync_clone() {
     check::<Store>();
     check::<tm_redis::RedisHandle>();
 }
+
+#[test]
+fn function_flush_before_a_blind_vote_is_repaired_without_a_retry() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    let mut con = server.connection();
+    redis::cmd("FUNCTION").arg("FLUSH").exec(&mut con).unwrap();
+    // Nothing read: the prepare used up no WATCH and ran nothing, so it is
+    // sent again after the reload, as the one-phase call is.
+    let tm = TransactionManager::explicit();
+    let txn = tm.begin().unwrap();
+    let r = store.join(&txn).unwrap();
+    r.set("a", "1").unwrap();
+    let dm = r.data_manager();
+    dm.tpc_begin(&txn).unwrap();
+    dm.commit(&txn).unwrap();
+    dm.tpc_vote(&txn).unwrap();
+    dm.tpc_finish(&txn).unwrap();
+    assert_eq!(store.get::<String>("a").unwrap().as_deref(), Some("1"));
+    assert!(tm_keys(&server).is_empty(), "{:?}", tm_keys(&server));
+    tm.abort().ok();
+}
