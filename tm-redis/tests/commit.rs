@@ -589,3 +589,73 @@ fn function_flush_before_a_blind_vote_is_repaired_without_a_retry() {
     assert!(tm_keys(&server).is_empty(), "{:?}", tm_keys(&server));
     tm.abort().ok();
 }
+
+/// `calls` of the commands a client sends to run a transaction, since the
+/// last `CONFIG RESETSTAT` (commandstats also counts what a function calls
+/// inside the server; those are left out).
+fn client_calls(server: &TestServer) -> Vec<(String, u64)> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut server.connection())
+        .unwrap();
+    let mut out: Vec<(String, u64)> = info
+        .lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            ["fcall", "multi", "exec", "watch", "unwatch", "get", "mget"]
+                .contains(&name)
+                .then(|| (name.to_owned(), calls.parse().unwrap()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn reset_stats(server: &TestServer) {
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .exec(&mut server.connection())
+        .unwrap();
+}
+
+#[test]
+fn vote_is_one_multi_fcall_exec_and_finish_one_fcall() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    let tm = TransactionManager::explicit();
+    for read_first in [true, false] {
+        let txn = tm.begin().unwrap();
+        let r = store.join(&txn).unwrap();
+        if read_first {
+            let _ = r.get::<i64>("n").unwrap();
+        }
+        r.set("n", 1).unwrap();
+        r.rpush("log", "+1").unwrap();
+        let dm = r.data_manager();
+        dm.tpc_begin(&txn).unwrap();
+        dm.commit(&txn).unwrap();
+        reset_stats(&server);
+        dm.tpc_vote(&txn).unwrap();
+        let vote = if read_first {
+            vec![
+                ("exec".to_owned(), 1),
+                ("fcall".to_owned(), 1),
+                ("multi".to_owned(), 1),
+            ]
+        } else {
+            vec![("fcall".to_owned(), 1)]
+        };
+        assert_eq!(client_calls(&server), vote, "read first: {read_first}");
+        reset_stats(&server);
+        dm.tpc_finish(&txn).unwrap();
+        assert_eq!(
+            client_calls(&server),
+            vec![("fcall".to_owned(), 1)],
+            "read first: {read_first}"
+        );
+        tm.abort().ok();
+        assert_eq!(store.get::<i64>("n").unwrap(), Some(1));
+        assert!(tm_keys(&server).is_empty(), "{:?}", tm_keys(&server));
+    }
+}
