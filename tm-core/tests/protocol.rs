@@ -728,6 +728,22 @@ fn one_resource_transaction_writes_no_decision() {
 }
 
 #[test]
+fn only_one_phase_resources_write_no_decision_their_commits_decide() {
+    let log = CallLog::new();
+    let dlog = RecordingDecisionLog::new(&log);
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .decision_log(dlog.clone())
+        .build();
+    let txn = tm.begin().unwrap();
+    txn.join(TestDataManager::new("a", &log).one_phase()).unwrap();
+    txn.join(TestDataManager::new("b", &log).one_phase()).unwrap();
+    txn.commit().unwrap();
+    assert!(dlog.decisions.lock().is_empty(), "{:?}", log.entries());
+    assert!(!log.entries().iter().any(|(n, _)| n.starts_with("decision-log")));
+}
+
+#[test]
 fn decision_names_the_recoverable_participants_and_the_metadata() {
     let log = CallLog::new();
     let dlog = RecordingDecisionLog::new(&log);
