@@ -54,6 +54,22 @@ fn assert_fault(err: &Error, fault: Fault, resource: &str, phase: Phase) {
     }
 }
 
+/// Commits a, b, c with b failing with `fault` at `phase`.
+fn commit_abc_with_b_failing(
+    phase: Phase,
+    fault: Fault,
+) -> (
+    CallLog,
+    TransactionManager,
+    tm_core::Transaction,
+    tm_core::Result<()>,
+) {
+    let log = CallLog::new();
+    let [a, b, c] = abc(&log);
+    let (tm, txn, result) = commit_with(&[a, b.fail_at(phase, fault), c]);
+    (log, tm, txn, result)
+}
+
 fn abc(log: &CallLog) -> [Arc<TestDataManager>; 3] {
     [
         TestDataManager::new("a", log),
@@ -151,10 +167,7 @@ fn sort_key_overrides_the_name_and_ties_keep_join_order() {
 #[test]
 fn tpc_begin_failure_tpc_aborts_begun_resources_and_aborts_the_rest() {
     for fault in FAULTS {
-        let log = CallLog::new();
-        let [a, b, c] = abc(&log);
-        let b = b.fail_at(TpcBegin, fault);
-        let (tm, txn, result) = commit_with(&[a, b, c]);
+        let (log, tm, txn, result) = commit_abc_with_b_failing(TpcBegin, fault);
         let err = result.unwrap_err();
         assert_fault(&err, fault, "b", TpcBegin);
         assert_eq!(
@@ -189,10 +202,7 @@ fn first_resource_tpc_begin_failure_still_tpc_aborts_it() {
 #[test]
 fn commit_failure_tpc_aborts_every_begun_resource() {
     for fault in FAULTS {
-        let log = CallLog::new();
-        let [a, b, c] = abc(&log);
-        let b = b.fail_at(Commit, fault);
-        let (_tm, txn, result) = commit_with(&[a, b, c]);
+        let (log, _tm, txn, result) = commit_abc_with_b_failing(Commit, fault);
         assert_fault(&result.unwrap_err(), fault, "b", Commit);
         assert_eq!(
             log.entries(),
@@ -215,10 +225,7 @@ fn commit_failure_tpc_aborts_every_begun_resource() {
 #[test]
 fn vote_failure_tpc_aborts_every_begun_resource() {
     for fault in FAULTS {
-        let log = CallLog::new();
-        let [a, b, c] = abc(&log);
-        let b = b.fail_at(TpcVote, fault);
-        let (_tm, txn, result) = commit_with(&[a, b, c]);
+        let (log, _tm, txn, result) = commit_abc_with_b_failing(TpcVote, fault);
         assert_fault(&result.unwrap_err(), fault, "b", TpcVote);
         assert_eq!(
             log.entries(),
@@ -244,10 +251,7 @@ fn vote_failure_tpc_aborts_every_begun_resource() {
 #[test]
 fn finish_failure_is_heuristic_naming_committed_and_failed_and_rolls_back_nobody() {
     for fault in FAULTS {
-        let log = CallLog::new();
-        let [a, b, c] = abc(&log);
-        let b = b.fail_at(TpcFinish, fault);
-        let (tm, txn, result) = commit_with(&[a, b, c]);
+        let (log, tm, txn, result) = commit_abc_with_b_failing(TpcFinish, fault);
         match result.unwrap_err() {
             Error::Heuristic { committed, failed } => {
                 assert_eq!(committed, ["a", "c"], "{fault:?}");
@@ -736,11 +740,16 @@ fn only_one_phase_resources_write_no_decision_their_commits_decide() {
         .decision_log(dlog.clone())
         .build();
     let txn = tm.begin().unwrap();
-    txn.join(TestDataManager::new("a", &log).one_phase()).unwrap();
-    txn.join(TestDataManager::new("b", &log).one_phase()).unwrap();
+    txn.join(TestDataManager::new("a", &log).one_phase())
+        .unwrap();
+    txn.join(TestDataManager::new("b", &log).one_phase())
+        .unwrap();
     txn.commit().unwrap();
     assert!(dlog.decisions.lock().is_empty(), "{:?}", log.entries());
-    assert!(!log.entries().iter().any(|(n, _)| n.starts_with("decision-log")));
+    assert!(!log
+        .entries()
+        .iter()
+        .any(|(n, _)| n.starts_with("decision-log")));
 }
 
 #[test]
