@@ -495,7 +495,10 @@ fn run(args: Args) -> Result<bool, BoxError> {
                         Ok(false) => {
                             counters.declined.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(err) if tm.is_retryable(&*err) => {
+                        // Every attempt spent: `run` only goes on after a
+                        // retryable failure (asked of the resources, which a
+                        // check made after `run` returned could not ask).
+                        Err(_) if tries == u64::from(tm.retry_attempt_count()) => {
                             counters.given_up.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(err) => {
