@@ -35,13 +35,16 @@ local function wlock_key(base, j) return K[base + 3 * j - 1] end
 local function rlock_key(base, j) return K[base + 3 * j] end
 local function triples(base) return (#K - base) / 3 end
 
--- EXISTS over many keys, in chunks (Lua's unpack has a stack limit).
-local function count_existing(list)
+-- A variadic command (EXISTS, DEL, MSET) over a long argument list, in
+-- chunks (Lua's unpack has a stack limit; 1000 is even, so MSET pairs stay
+-- whole). Returns the sum of the integer replies.
+local function chunked(command, list)
     local n = 0
     local i = 1
     while i <= #list do
         local j = math.min(i + 999, #list)
-        n = n + redis.call('EXISTS', unpack(list, i, j))
+        local res = redis.call(command, unpack(list, i, j))
+        if type(res) == 'number' then n = n + res end
         i = j + 1
     end
     return n
@@ -56,7 +59,7 @@ local function check_locks(base, nread, txid, extra)
         probe[#probe + 1] = wlock_key(base, j)
         if j > nread then probe[#probe + 1] = rlock_key(base, j) end
     end
-    if count_existing(probe) == 0 then return nil end
+    if chunked('EXISTS', probe) == 0 then return nil end
     if extra then
         if redis.call('EXISTS', extra[2], extra[3]) > 0 then return 'TXABORTED the transaction was aborted' end
         if redis.call('EXISTS', extra[1]) > 0 then return 'TXPREPARED the transaction is already prepared' end
@@ -272,12 +275,7 @@ local function release(nread, txid)
             dels[#dels + 1] = wlock_key(3, j)
         end
     end
-    local i = 1
-    while i <= #dels do
-        local j = math.min(i + 999, #dels)
-        redis.call('DEL', unpack(dels, i, j))
-        i = j + 1
-    end
+    chunked('DEL', dels)
 end
 
 -- prepare: KEYS = record, tombstone, untagged tombstone, triples; ARGV =
@@ -299,12 +297,7 @@ local function prepare(keys, args)
             writes[#writes + 1] = txid
         end
     end
-    local i = 1
-    while i <= #writes do
-        local j = math.min(i + 999, #writes)
-        redis.call('MSET', unpack(writes, i, j))
-        i = j + 1
-    end
+    chunked('MSET', writes)
     local ops = {}
     for k = 4, #args do ops[#ops + 1] = args[k] end
     redis.call('HSET', keys[1], 'k', args[3], 'w', cmsgpack.pack(ops))
