@@ -450,6 +450,7 @@ impl StoreInner {
             command: "HGET".to_owned(),
             reply: "a prepared record with a malformed key list".to_owned(),
         })?;
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         Ok(txn::Layout::new(self, &tag, txid, &keys, nread, true))
     }
 

@@ -99,8 +99,8 @@ type Sent = std::result::Result<Value, Unsent>;
 pub(crate) struct Layout {
     keys: Vec<Vec<u8>>,
     nread: usize,
-    /// Data keys in layout order.
-    data: Vec<Vec<u8>>,
+    /// Where the triples start in `keys` (3 with a record, else 0).
+    base: usize,
 }
 
 /// The Redis hash tag of `key` (as Redis Cluster computes it), if any.
@@ -115,7 +115,7 @@ impl Layout {
         store: &StoreInner,
         record_tag: &[u8],
         txid: &TxId,
-        data: &[Vec<u8>],
+        data: &[&[u8]],
         nread: usize,
         with_record: bool,
     ) -> Layout {
@@ -128,24 +128,26 @@ impl Layout {
             // record (it cannot know the tag): a late prepare checks it too.
             keys.push(store.tm_key(b"", "aborted", id.as_bytes()));
         }
-        for k in data {
+        let base = keys.len();
+        for &k in data {
             let tag = hash_tag(k).unwrap_or(b"");
-            keys.push(k.clone());
+            keys.push(k.to_vec());
             keys.push(store.tm_key(tag, "lock", k));
             keys.push(store.tm_key(tag, "rlock", k));
         }
-        Layout {
-            keys,
-            nread,
-            data: data.to_vec(),
-        }
+        Layout { keys, nread, base }
+    }
+
+    /// The data keys, in layout order (read-only ones first).
+    fn data(&self) -> impl ExactSizeIterator<Item = &[u8]> + Clone {
+        self.keys[self.base..].iter().step_by(3).map(Vec::as_slice)
     }
 }
 
 /// The key list stored in a record for recovery: `nread`, `n`, then each key
 /// length-prefixed (u32 big-endian).
-fn encode_keys(nread: usize, keys: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + keys.iter().map(|k| k.len() + 4).sum::<usize>());
+fn encode_keys<'a>(nread: usize, keys: impl ExactSizeIterator<Item = &'a [u8]> + Clone) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + keys.clone().map(|k| k.len() + 4).sum::<usize>());
     out.extend_from_slice(&(nread as u32).to_be_bytes());
     out.extend_from_slice(&(keys.len() as u32).to_be_bytes());
     for k in keys {
@@ -628,16 +630,16 @@ impl RedisTxn {
         for (pos, &k) in order.iter().enumerate() {
             triple[k] = pos + 1;
         }
-        let data: Vec<Vec<u8>> = order.iter().map(|&k| st.keys.names[k].clone()).collect();
+        let data: Vec<&[u8]> = order.iter().map(|&k| st.keys.names[k].as_slice()).collect();
         // The record shares the keys' hash tag when they all have the same one.
         let mut tags = data.iter().map(|k| hash_tag(k));
         let first = tags.next().flatten();
         let tag = match first {
-            Some(t) if tags.all(|x| x == Some(t)) => t.to_vec(),
-            _ => Vec::new(),
+            Some(t) if tags.all(|x| x == Some(t)) => t,
+            _ => b"",
         };
         (
-            Layout::new(&self.store, &tag, &self.txid, &data, nread, with_record),
+            Layout::new(&self.store, tag, &self.txid, &data, nread, with_record),
             triple,
         )
     }
@@ -681,8 +683,8 @@ impl RedisTxn {
                 let kind = parts.next().unwrap_or("?");
                 let holder = parts.next().unwrap_or("?");
                 let key = layout
-                    .data
-                    .get(j.wrapping_sub(1))
+                    .data()
+                    .nth(j.wrapping_sub(1))
                     .map(|k| String::from_utf8_lossy(k).into_owned())
                     .unwrap_or_default();
                 let what = if kind == "read" { "read" } else { "written" };
@@ -818,12 +820,12 @@ impl RedisTxn {
         let (layout, triple) = self.layout(st, prepare);
         // Nothing read and nothing written. (A queued command listing no
         // keys is still a write: it must not be dropped.)
-        if layout.data.is_empty() && st.ops.is_empty() {
+        if layout.data().len() == 0 && st.ops.is_empty() {
             return Ok(None);
         }
         let function = if prepare { "tm_prepare" } else { "tm_commit" };
         let nread = layout.nread.to_string();
-        let blob = prepare.then(|| encode_keys(layout.nread, &layout.data));
+        let blob = prepare.then(|| encode_keys(layout.nread, layout.data()));
         let mut buf = Vec::new();
         fcall_head(
             &mut buf,
@@ -1489,11 +1491,11 @@ mod tests {
     #[test]
     fn key_list_round_trips_and_refuses_garbage() {
         let keys = vec![b"".to_vec(), (0..=255).collect(), b"k".to_vec()];
-        let blob = encode_keys(1, &keys);
+        let blob = encode_keys(1, keys.iter().map(Vec::as_slice));
         assert_eq!(decode_keys(&blob), Some((1, keys)));
         assert_eq!(decode_keys(&blob[..blob.len() - 1]), None);
         assert_eq!(decode_keys(b"junk"), None);
-        assert_eq!(decode_keys(&encode_keys(3, &[b"a".to_vec()])), None);
+        assert_eq!(decode_keys(&encode_keys(3, [&b"a"[..]].into_iter())), None);
     }
 
     #[test]

@@ -265,3 +265,38 @@ fn a_key_held_by_a_prepared_transaction_conflicts_at_once() {
     tm2.run(|txn| store.join(txn)?.set("held", "3").map_err(TmError::from))
         .unwrap();
 }
+
+#[test]
+fn a_conflict_names_the_key_the_lock_kind_and_the_holder() {
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    let tm = TransactionManager::explicit();
+    let txn = tm.begin().unwrap();
+    let r = store.join(&txn).unwrap();
+    let _ = r.get::<String>("r").unwrap(); // read lock on r
+    r.set("b", "1").unwrap(); // write lock on b
+    let dm = r.data_manager();
+    dm.tpc_begin(&txn).unwrap();
+    dm.commit(&txn).unwrap();
+    dm.tpc_vote(&txn).unwrap();
+    let holder = txn.id().to_string();
+
+    // The held key is not the first of the refused transaction's keys: the
+    // error must still name it, not its neighbour.
+    for (key, kind) in [("b", "written"), ("r", "read")] {
+        let tm2 = TransactionManager::explicit();
+        let t2 = tm2.begin().unwrap();
+        let r2 = store.join(&t2).unwrap();
+        let _ = r2.get::<String>("z0").unwrap();
+        r2.set("w1", "x").unwrap();
+        r2.set(key, "2").unwrap();
+        let err = tm2.commit().unwrap_err();
+        let want = format!("key {key:?} is {kind} by prepared transaction {holder}");
+        assert!(
+            matches!(&err, TmError::Conflict { detail, .. } if detail.contains(&want)),
+            "want {want:?}: {err:?}"
+        );
+        tm2.abort().unwrap();
+    }
+    dm.tpc_finish(&txn).unwrap();
+}
