@@ -63,12 +63,17 @@ fn raw_get(server: &TestServer, key: &[u8]) -> Option<Vec<u8>> {
         .unwrap()
 }
 
+/// Runs one plain command on the server, outside tm.
+fn raw(server: &TestServer, args: &[&str]) {
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.exec(&mut server.connection()).unwrap();
+}
+
 fn raw_set(server: &TestServer, key: &str, value: &str) {
-    redis::cmd("SET")
-        .arg(key)
-        .arg(value)
-        .exec(&mut server.connection())
-        .unwrap();
+    raw(server, &["SET", key, value]);
 }
 
 /// `calls` of each command since the last `CONFIG RESETSTAT`.
@@ -797,12 +802,7 @@ fn redis_del_then_set_and_set_then_del_of_one_key_apply_in_order() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let mut con = server.connection();
-    redis::cmd("HSET")
-        .arg("k1")
-        .arg("f")
-        .arg("v")
-        .exec(&mut con)
-        .unwrap();
+    raw(&server, &["HSET", "k1", "f", "v"]);
     raw_set(&server, "k2", "keep?");
     let dm_other = TestDataManager::new("zz-other", &CallLog::new());
     for two_phase in [false, true] {
@@ -955,14 +955,7 @@ fn redis_large_write_set_commits_in_two_phases() {
 fn redis_expire_zero_deletes_set_without_expiry_clears_an_old_ttl() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let mut con = server.connection();
-    redis::cmd("SET")
-        .arg("had-ttl")
-        .arg("v")
-        .arg("EX")
-        .arg(1000)
-        .exec(&mut con)
-        .unwrap();
+    raw(&server, &["SET", "had-ttl", "v", "EX", "1000"]);
     raw_set(&server, "doomed", "v");
     let tm = TransactionManager::explicit();
     tm.run(|txn| {
@@ -1284,12 +1277,7 @@ fn errors_name_the_resource_and_the_phase() {
 fn redis_get_of_a_non_string_key_is_wrongtype_not_none() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    redis::cmd("HSET")
-        .arg("h")
-        .arg("f")
-        .arg("v")
-        .exec(&mut server.connection())
-        .unwrap();
+    raw(&server, &["HSET", "h", "f", "v"]);
     let tm = TransactionManager::explicit();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
@@ -1307,12 +1295,7 @@ fn redis_get_of_a_non_string_key_is_wrongtype_not_none() {
 fn redis_exists_after_a_buffered_expire_sees_a_non_string_key() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    redis::cmd("HSET")
-        .arg("h")
-        .arg("f")
-        .arg("v")
-        .exec(&mut server.connection())
-        .unwrap();
+    raw(&server, &["HSET", "h", "f", "v"]);
     raw_set(&server, "s", "v");
     let tm = TransactionManager::explicit();
     let txn = tm.begin().unwrap();
