@@ -118,17 +118,7 @@ fn a_caught_constraint_violation_leaves_the_transaction_committable() {
 #[test]
 fn a_deferred_constraint_failing_at_commit_names_the_phase_and_code() {
     let dir = tempfile::tempdir().unwrap();
-    let db = support::open_with(
-        dir.path(),
-        tm_sqlite::Options::default().setup_sql("PRAGMA foreign_keys = ON"),
-    );
-    db.with_connection(|c| {
-        c.execute_batch(
-            "CREATE TABLE child (id INTEGER PRIMARY KEY,
-                parent INTEGER REFERENCES item(id) DEFERRABLE INITIALLY DEFERRED)",
-        )
-    })
-    .unwrap();
+    let db = support::open_with_deferred_foreign_key(dir.path());
     let tm = manager();
     let txn = tm.begin().unwrap();
     db.join(&txn)
@@ -186,16 +176,24 @@ fn a_connection_used_after_its_transaction_ended_is_a_clear_error() {
     assert!(pool_is_clean(&db));
 }
 
-#[test]
-fn commit_run_by_hand_is_refused_at_the_vote() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = open(dir.path());
+/// Joins, inserts "a", lets `by_hand` meddle with the joined connection, then
+/// commits (beside a preparable `other` resource when given): the commit
+/// must be refused as [`tm_sqlite::Error::EndedOutsideTm`]; the transaction is
+/// then aborted, and the pool must be clean. Returns the commit's error.
+fn commit_after_by_hand(
+    db: &tm_sqlite::Database,
+    other: Option<std::sync::Arc<tm_core::testing::TestDataManager>>,
+    by_hand: impl FnOnce(&rusqlite::Connection),
+) -> Error {
     let tm = manager();
     let txn = tm.begin().unwrap();
     let conn = db.join(&txn).unwrap();
     insert(&conn, "a").unwrap();
-    conn.execute_batch("COMMIT").unwrap();
+    by_hand(&conn);
     drop(conn);
+    if let Some(other) = other {
+        txn.join(other).unwrap();
+    }
     let err = txn.commit().unwrap_err();
     let sqlite = sqlite_error(&err);
     assert!(
@@ -204,25 +202,23 @@ fn commit_run_by_hand_is_refused_at_the_vote() {
     );
     assert!(err.to_string().contains("ended outside tm"), "{err}");
     txn.abort().unwrap();
-    assert!(pool_is_clean(&db));
+    assert!(pool_is_clean(db));
+    err
+}
+
+#[test]
+fn commit_run_by_hand_is_refused_at_the_vote() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let err = commit_after_by_hand(&db, None, |c| c.execute_batch("COMMIT").unwrap());
+    assert_eq!(sqlite_error(&err).phase(), Phase::CommitOnePhase);
 }
 
 #[test]
 fn rollback_run_by_hand_is_refused_at_the_vote() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
-    let tm = manager();
-    let txn = tm.begin().unwrap();
-    let conn = db.join(&txn).unwrap();
-    insert(&conn, "a").unwrap();
-    conn.execute_batch("ROLLBACK").unwrap();
-    drop(conn);
-    let err = txn.commit().unwrap_err();
-    assert!(matches!(
-        sqlite_error(&err),
-        tm_sqlite::Error::EndedOutsideTm { .. }
-    ));
-    txn.abort().unwrap();
+    commit_after_by_hand(&db, None, |c| c.execute_batch("ROLLBACK").unwrap());
     assert!(item_names(db.path()).is_empty());
 }
 
@@ -230,22 +226,12 @@ fn rollback_run_by_hand_is_refused_at_the_vote() {
 fn commit_and_begin_run_by_hand_are_refused_at_the_vote_and_the_new_work_rolled_back() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());
-    let tm = manager();
-    let txn = tm.begin().unwrap();
-    let conn = db.join(&txn).unwrap();
-    insert(&conn, "first").unwrap();
-    conn.execute_batch("COMMIT; BEGIN").unwrap();
-    insert(&conn, "second").unwrap();
-    drop(conn);
-    let err = txn.commit().unwrap_err();
-    assert!(matches!(
-        sqlite_error(&err),
-        tm_sqlite::Error::EndedOutsideTm { .. }
-    ));
-    txn.abort().unwrap();
-    // The hand-run COMMIT did commit "first"; tm committed nothing more.
-    assert_eq!(item_names(db.path()), ["first"]);
-    assert!(pool_is_clean(&db));
+    commit_after_by_hand(&db, None, |c| {
+        c.execute_batch("COMMIT; BEGIN").unwrap();
+        insert(c, "second").unwrap();
+    });
+    // The hand-run COMMIT did commit "a"; tm committed nothing more.
+    assert_eq!(item_names(db.path()), ["a"]);
 }
 
 #[test]

@@ -104,17 +104,7 @@ fn a_failure_at_tpc_finish_after_the_decision_leaves_the_row_pending() {
 #[test]
 fn no_sqlite_commit_means_no_decision_row() {
     let dir = tempfile::tempdir().unwrap();
-    let db = support::open_with(
-        dir.path(),
-        tm_sqlite::Options::default().setup_sql("PRAGMA foreign_keys = ON"),
-    );
-    db.with_connection(|c| {
-        c.execute_batch(
-            "CREATE TABLE child (id INTEGER PRIMARY KEY,
-                parent INTEGER REFERENCES item(id) DEFERRABLE INITIALLY DEFERRED)",
-        )
-    })
-    .unwrap();
+    let db = support::open_with_deferred_foreign_key(dir.path());
     let log = Arc::new(SqliteDecisionLog::new(&db).unwrap());
     let tm = manager_with(&log);
     let store = MemoryStore::<i64>::new();

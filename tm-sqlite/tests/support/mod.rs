@@ -25,6 +25,24 @@ pub fn open_with(dir: &Path, options: Options) -> Database {
     db
 }
 
+/// A test database whose connections enforce foreign keys, with a table
+/// `child` whose `parent` references `item(id)` through a *deferred*
+/// foreign key: a dangling parent fails only at `COMMIT`.
+pub fn open_with_deferred_foreign_key(dir: &Path) -> Database {
+    let db = open_with(
+        dir,
+        Options::default().setup_sql("PRAGMA foreign_keys = ON"),
+    );
+    db.with_connection(|c| {
+        c.execute_batch(
+            "CREATE TABLE child (id INTEGER PRIMARY KEY,
+                parent INTEGER REFERENCES item(id) DEFERRABLE INITIALLY DEFERRED)",
+        )
+    })
+    .expect("create the child table");
+    db
+}
+
 pub fn db_path(dir: &Path) -> PathBuf {
     dir.join("test.db")
 }
@@ -64,10 +82,17 @@ pub fn insert(conn: &rusqlite::Connection, name: &str) -> rusqlite::Result<()> {
         .map(|_| ())
 }
 
-/// Every idle connection of the pool is outside any transaction.
+/// Every idle connection of the pool is outside any transaction. They are
+/// all checked out at once (nested `with_connection`s), so each one is
+/// looked at, not the most recently pooled one again and again.
 pub fn pool_is_clean(db: &Database) -> bool {
-    let idle = db.idle_connections();
-    (0..idle.max(1)).all(|_| db.with_connection(|c| Ok(c.is_autocommit())).unwrap())
+    fn check(db: &Database, left: usize) -> bool {
+        left == 0
+            || db
+                .with_connection(|c| Ok(c.is_autocommit() && check(db, left - 1)))
+                .unwrap()
+    }
+    check(db, db.idle_connections().max(1))
 }
 
 /// The environment variable that tells a re-spawned test binary to play a
