@@ -235,6 +235,39 @@ fn commit_and_begin_run_by_hand_are_refused_at_the_vote_and_the_new_work_rolled_
 }
 
 #[test]
+fn commit_run_by_hand_beside_another_resource_is_refused_at_tpc_vote_and_the_other_aborted() {
+    use tm_core::testing::{CallLog, TestDataManager};
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let log = CallLog::new();
+    let other = TestDataManager::new("other", &log);
+    let err = commit_after_by_hand(&db, Some(other), |c| {
+        c.execute_batch("COMMIT; BEGIN").unwrap();
+        insert(c, "second").unwrap();
+    });
+    let sqlite = sqlite_error(&err);
+    assert_eq!(sqlite.phase(), Phase::TpcVote);
+    assert_eq!(sqlite.path(), db.path());
+    assert_eq!(err.resource_name(), Some(db.name()));
+    let text = err.to_string();
+    assert!(
+        text.contains("tpc_vote") && text.contains("test.db"),
+        "{text}"
+    );
+    // SQLite's vote is the decision: refused, the prepared resource is rolled back.
+    assert_eq!(
+        log.phases_of("other"),
+        [
+            Phase::TpcBegin,
+            Phase::Commit,
+            Phase::TpcVote,
+            Phase::TpcAbort
+        ]
+    );
+    assert_eq!(item_names(db.path()), ["a"]);
+}
+
+#[test]
 fn begin_by_hand_inside_a_joined_transaction_fails_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(dir.path());

@@ -152,4 +152,15 @@ fn locked_and_busy_are_retryable_while_sql_and_constraint_errors_are_not() {
     // Wrapped twice, in tm's error and in the caller's.
     let wrapped = AppError::Tm(tm_core::Error::resource("sqlite:x", fail(ffi::SQLITE_BUSY)));
     assert!(tm_sqlite::is_retryable(&wrapped));
+    // LOCKED and its extended codes, wrapped in the caller's error type.
+    assert!(tm_sqlite::is_retryable(&AppError::Db(fail(
+        ffi::SQLITE_LOCKED
+    ))));
+    assert!(tm_sqlite::is_retryable(&AppError::Db(fail(262)))); // LOCKED_SHAREDCACHE
+    assert!(tm_sqlite::is_retryable(&AppError::Tm(
+        tm_core::Error::resource("sqlite:x", fail(ffi::SQLITE_LOCKED))
+    )));
+    assert!(!tm_sqlite::is_retryable(&AppError::Db(fail(
+        ffi::SQLITE_CONSTRAINT
+    ))));
 }

@@ -297,3 +297,16 @@ fn options_can_be_written_with_struct_update_syntax() {
     assert_eq!(db.options().pool_size, 2);
     assert!(matches!(db.options().begin, tm_sqlite::Begin::Deferred));
 }
+
+#[test]
+fn a_transaction_left_open_by_with_connection_is_rolled_back_before_pooling() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    db.with_connection(|c| {
+        c.execute_batch("BEGIN")?;
+        insert(c, "left open")
+    })
+    .unwrap();
+    assert!(pool_is_clean(&db));
+    assert!(item_names(db.path()).is_empty());
+}

@@ -63,6 +63,28 @@ fn the_other_resource_failing_before_the_decision_leaves_no_sqlite_row() {
 }
 
 #[test]
+fn sqlite_cannot_prepare_so_it_commits_last_even_when_it_sorts_first() {
+    // "zzz" sorts after "sqlite:...": in sort order SQLite would vote
+    // first. It cannot prepare, so tm votes it (its COMMIT) after the other
+    // resource's vote; a refused vote there leaves no SQLite row.
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(dir.path());
+    let log = CallLog::new();
+    let other = TestDataManager::new("zzz", &log).fail_at(Phase::TpcVote, Fault::Error);
+    assert!(db.name() < "zzz");
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    insert(&db.join(&txn).unwrap(), "row").unwrap();
+    txn.join(other).unwrap();
+    let err = txn.commit().unwrap_err();
+    assert_eq!(err.resource_name(), Some("zzz"), "{err}");
+    txn.abort().unwrap();
+    assert!(item_names(db.path()).is_empty());
+    assert!(log.phases_of("zzz").contains(&Phase::TpcAbort));
+    assert!(pool_is_clean(&db));
+}
+
+#[test]
 fn the_other_resource_failing_at_tpc_finish_after_sqlite_committed_is_heuristic_naming_both() {
     let (_dir, db, log, result) = write_with(Some(Phase::TpcFinish));
     match result.unwrap_err() {
