@@ -18,6 +18,15 @@ fn tm_keys(server: &TestServer) -> Vec<String> {
         .collect()
 }
 
+/// Sends one command outside tm (to set up committed data).
+fn raw(con: &mut redis::Connection, args: &[&str]) {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.exec(con).unwrap();
+}
+
 fn redis_error(err: &TmError) -> &Error {
     match err {
         TmError::Resource { source, .. } => {
@@ -120,12 +129,8 @@ fn string_reads_see_the_transactions_own_writes() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let mut con = server.connection();
-    redis::cmd("SET").arg("n").arg(40).exec(&mut con).unwrap();
-    redis::cmd("SET")
-        .arg("gone")
-        .arg("x")
-        .exec(&mut con)
-        .unwrap();
+    raw(&mut con, &["SET", "n", "40"]);
+    raw(&mut con, &["SET", "gone", "x"]);
     let tm = TransactionManager::explicit();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
@@ -253,28 +258,10 @@ fn every_write_command_is_applied_in_order() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let mut con = server.connection();
-    redis::cmd("HSET")
-        .arg("h")
-        .arg("old")
-        .arg("1")
-        .exec(&mut con)
-        .unwrap();
-    redis::cmd("SADD")
-        .arg("s")
-        .arg("old")
-        .exec(&mut con)
-        .unwrap();
-    redis::cmd("ZADD")
-        .arg("z")
-        .arg(1)
-        .arg("old")
-        .exec(&mut con)
-        .unwrap();
-    redis::cmd("SET")
-        .arg("doomed")
-        .arg("x")
-        .exec(&mut con)
-        .unwrap();
+    raw(&mut con, &["HSET", "h", "old", "1"]);
+    raw(&mut con, &["SADD", "s", "old"]);
+    raw(&mut con, &["ZADD", "z", "1", "old"]);
+    raw(&mut con, &["SET", "doomed", "x"]);
     for two_phase in [false, true] {
         let tm = TransactionManager::explicit();
         let txn = tm.begin().unwrap();
@@ -330,7 +317,7 @@ fn every_write_command_is_applied_in_order() {
         assert_eq!(range, b"\0\0yz");
         let doomed: Option<String> = redis::cmd("GET").arg("doomed").query(&mut con).unwrap();
         assert_eq!(doomed, None);
-        redis::cmd("DEL").arg("l").exec(&mut con).unwrap();
+        raw(&mut con, &["DEL", "l"]);
     }
     assert!(tm_keys(&server).is_empty());
 }
@@ -340,37 +327,11 @@ fn transactional_reads_return_committed_data() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let mut con = server.connection();
-    redis::cmd("HSET")
-        .arg("h")
-        .arg("f")
-        .arg("v")
-        .exec(&mut con)
-        .unwrap();
-    redis::cmd("SADD")
-        .arg("s")
-        .arg("a")
-        .arg("b")
-        .exec(&mut con)
-        .unwrap();
-    redis::cmd("RPUSH")
-        .arg("l")
-        .arg("x")
-        .arg("y")
-        .exec(&mut con)
-        .unwrap();
-    redis::cmd("ZADD")
-        .arg("z")
-        .arg(1.5)
-        .arg("m")
-        .exec(&mut con)
-        .unwrap();
-    redis::cmd("SET")
-        .arg("t")
-        .arg("v")
-        .arg("EX")
-        .arg(100)
-        .exec(&mut con)
-        .unwrap();
+    raw(&mut con, &["HSET", "h", "f", "v"]);
+    raw(&mut con, &["SADD", "s", "a", "b"]);
+    raw(&mut con, &["RPUSH", "l", "x", "y"]);
+    raw(&mut con, &["ZADD", "z", "1.5", "m"]);
+    raw(&mut con, &["SET", "t", "v", "EX", "100"]);
     let tm = TransactionManager::explicit();
     tm.run(|txn| {
         let r = store.join(txn)?;
@@ -528,7 +489,7 @@ fn function_flush_is_repaired_by_reloading() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let mut con = server.connection();
-    redis::cmd("FUNCTION").arg("FLUSH").exec(&mut con).unwrap();
+    raw(&mut con, &["FUNCTION", "FLUSH"]);
     // No reads: the one-phase call is simply sent again after the reload.
     let tm = TransactionManager::explicit();
     tm.run(|txn| store.join(txn)?.set("a", "1").map_err(TmError::from))
@@ -536,7 +497,7 @@ fn function_flush_is_repaired_by_reloading() {
     assert_eq!(store.get::<String>("a").unwrap().as_deref(), Some("1"));
 
     // With reads, the WATCH is used up: a retryable error, then a retry works.
-    redis::cmd("FUNCTION").arg("FLUSH").exec(&mut con).unwrap();
+    raw(&mut con, &["FUNCTION", "FLUSH"]);
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     let _ = r.get::<String>("a").unwrap();
@@ -573,7 +534,7 @@ fn function_flush_before_a_blind_vote_is_repaired_without_a_retry() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let mut con = server.connection();
-    redis::cmd("FUNCTION").arg("FLUSH").exec(&mut con).unwrap();
+    raw(&mut con, &["FUNCTION", "FLUSH"]);
     // Nothing read: the prepare used up no WATCH and ran nothing, so it is
     // sent again after the reload, as the one-phase call is.
     let tm = TransactionManager::explicit();
