@@ -21,7 +21,7 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::lock_api::ArcReentrantMutexGuard;
 use parking_lot::{Mutex, RawMutex, RawThreadId, ReentrantMutex};
-use rusqlite::Connection;
+use rusqlite::{ffi, Connection};
 use tm_core::{DataManager, Phase, ResourceSavepoint, Transaction, TxId, TxIdMap};
 use tracing::{error, warn};
 
@@ -540,7 +540,20 @@ impl SqliteTxn {
                 phase,
             })
         } else {
-            exec_cached(c.conn(), "COMMIT").map_err(|e| self.db.err(phase, e))
+            exec_cached(c.conn(), self.db.options.begin.commit_sql()).map_err(|e| {
+                // Only a missing `tm_txn` savepoint makes the commit
+                // statement fail with plain SQLITE_ERROR.
+                if e.sqlite_error()
+                    .is_some_and(|s| s.extended_code == ffi::SQLITE_ERROR)
+                {
+                    Error::EndedOutsideTm {
+                        path: self.db.path.clone(),
+                        phase,
+                    }
+                } else {
+                    self.db.err(phase, e)
+                }
+            })
         };
         if outcome.is_err() && !c.conn().is_autocommit() {
             if let Err(e) = c.conn().execute_batch("ROLLBACK") {

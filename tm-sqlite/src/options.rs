@@ -99,20 +99,35 @@ pub enum Begin {
     /// with `BUSY_SNAPSHOT`. The default.
     #[default]
     Immediate,
-    /// `BEGIN DEFERRED`: for read-mostly work; a transaction that writes
-    /// after another one committed fails with `SQLITE_BUSY_SNAPSHOT`, which
-    /// is retryable.
+    /// A deferred transaction (`BEGIN DEFERRED`): for read-mostly work; a
+    /// transaction that writes after another one committed fails with
+    /// `SQLITE_BUSY_SNAPSHOT`, which is retryable. It is begun as the
+    /// savepoint `tm_txn` (SQLite begins a deferred transaction for it) and
+    /// committed by `RELEASE tm_txn`, so that a `COMMIT` / `ROLLBACK` run by
+    /// hand is found at the vote even in a transaction that has not written
+    /// (SQLite's commit and rollback hooks only see write transactions).
     Deferred,
     /// `BEGIN EXCLUSIVE` (in WAL mode the same as `Immediate`).
     Exclusive,
 }
 
 impl Begin {
+    /// The statement that begins a joined transaction.
     pub(crate) fn sql(self) -> &'static str {
         match self {
             Begin::Immediate => "BEGIN IMMEDIATE",
-            Begin::Deferred => "BEGIN DEFERRED",
+            Begin::Deferred => "SAVEPOINT tm_txn",
             Begin::Exclusive => "BEGIN EXCLUSIVE",
+        }
+    }
+
+    /// The statement that commits it. `RELEASE tm_txn` fails with
+    /// `SQLITE_ERROR` ("no such savepoint") when the transaction `sql()`
+    /// began is no longer the connection's.
+    pub(crate) fn commit_sql(self) -> &'static str {
+        match self {
+            Begin::Deferred => "RELEASE tm_txn",
+            Begin::Immediate | Begin::Exclusive => "COMMIT",
         }
     }
 }

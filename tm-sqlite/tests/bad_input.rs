@@ -277,3 +277,65 @@ fn begin_by_hand_inside_a_joined_transaction_fails_at_once() {
     assert!(err.to_string().contains("within a transaction"), "{err}");
     txn.abort().unwrap();
 }
+
+#[test]
+fn commit_or_rollback_and_begin_run_by_hand_in_a_deferred_read_only_transaction_are_refused() {
+    // No write yet: SQLite's commit and rollback hooks do not fire.
+    for by_hand in ["COMMIT; BEGIN", "ROLLBACK; BEGIN"] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = support::open_with(
+            dir.path(),
+            tm_sqlite::Options::default().begin(tm_sqlite::Begin::Deferred),
+        );
+        let tm = manager();
+        let txn = tm.begin().unwrap();
+        let conn = db.join(&txn).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM item", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+        conn.execute_batch(by_hand).unwrap();
+        insert(&conn, "outside tm").unwrap();
+        drop(conn);
+        let err = txn.commit().unwrap_err();
+        let sqlite = sqlite_error(&err);
+        assert!(
+            matches!(sqlite, tm_sqlite::Error::EndedOutsideTm { .. }),
+            "{by_hand}: {sqlite:?}"
+        );
+        assert_eq!(sqlite.phase(), Phase::CommitOnePhase, "{by_hand}");
+        txn.abort().unwrap();
+        assert!(item_names(db.path()).is_empty(), "{by_hand}");
+        assert!(pool_is_clean(&db), "{by_hand}");
+    }
+}
+
+#[test]
+fn a_deferred_constraint_failing_at_a_deferred_commit_is_a_constraint_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = support::open_with(
+        dir.path(),
+        tm_sqlite::Options::default()
+            .begin(tm_sqlite::Begin::Deferred)
+            .setup_sql("PRAGMA foreign_keys = ON"),
+    );
+    db.with_connection(|c| {
+        c.execute_batch(
+            "CREATE TABLE child (id INTEGER PRIMARY KEY,
+                parent INTEGER REFERENCES item(id) DEFERRABLE INITIALLY DEFERRED)",
+        )
+    })
+    .unwrap();
+    let tm = manager();
+    let txn = tm.begin().unwrap();
+    db.join(&txn)
+        .unwrap()
+        .execute("INSERT INTO child (parent) VALUES (42)", [])
+        .unwrap();
+    let err = txn.commit().unwrap_err();
+    let sqlite = sqlite_error(&err);
+    assert!(sqlite.is_constraint_violation(), "{sqlite:?}");
+    assert_eq!(sqlite.extended_code(), Some(787));
+    txn.abort().unwrap();
+    assert!(pool_is_clean(&db));
+}
