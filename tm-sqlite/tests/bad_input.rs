@@ -118,7 +118,7 @@ fn a_caught_constraint_violation_leaves_the_transaction_committable() {
 #[test]
 fn a_deferred_constraint_failing_at_commit_names_the_phase_and_code() {
     let dir = tempfile::tempdir().unwrap();
-    let db = support::open_with_deferred_foreign_key(dir.path());
+    let db = support::open_with_deferred_foreign_key(dir.path(), tm_sqlite::Options::default());
     let tm = manager();
     let txn = tm.begin().unwrap();
     db.join(&txn)
@@ -313,19 +313,10 @@ fn commit_or_rollback_and_begin_run_by_hand_in_a_deferred_read_only_transaction_
 #[test]
 fn a_deferred_constraint_failing_at_a_deferred_commit_is_a_constraint_violation() {
     let dir = tempfile::tempdir().unwrap();
-    let db = support::open_with(
+    let db = support::open_with_deferred_foreign_key(
         dir.path(),
-        tm_sqlite::Options::default()
-            .begin(tm_sqlite::Begin::Deferred)
-            .setup_sql("PRAGMA foreign_keys = ON"),
+        tm_sqlite::Options::default().begin(tm_sqlite::Begin::Deferred),
     );
-    db.with_connection(|c| {
-        c.execute_batch(
-            "CREATE TABLE child (id INTEGER PRIMARY KEY,
-                parent INTEGER REFERENCES item(id) DEFERRABLE INITIALLY DEFERRED)",
-        )
-    })
-    .unwrap();
     let tm = manager();
     let txn = tm.begin().unwrap();
     db.join(&txn)

@@ -104,7 +104,7 @@ fn a_failure_at_tpc_finish_after_the_decision_leaves_the_row_pending() {
 #[test]
 fn no_sqlite_commit_means_no_decision_row() {
     let dir = tempfile::tempdir().unwrap();
-    let db = support::open_with_deferred_foreign_key(dir.path());
+    let db = support::open_with_deferred_foreign_key(dir.path(), tm_sqlite::Options::default());
     let log = Arc::new(SqliteDecisionLog::new(&db).unwrap());
     let tm = manager_with(&log);
     let store = MemoryStore::<i64>::new();

@@ -156,7 +156,7 @@ fn the_other_resource_failing_at_abort_still_rolls_sqlite_back() {
 #[test]
 fn sqlite_failing_at_its_own_commit_aborts_the_prepared_other_resource() {
     let dir = tempfile::tempdir().unwrap();
-    let db = support::open_with_deferred_foreign_key(dir.path());
+    let db = support::open_with_deferred_foreign_key(dir.path(), tm_sqlite::Options::default());
     let log = CallLog::new();
     let other = TestDataManager::new("other", &log);
     let tm = manager();

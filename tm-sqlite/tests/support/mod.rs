@@ -28,11 +28,8 @@ pub fn open_with(dir: &Path, options: Options) -> Database {
 /// A test database whose connections enforce foreign keys, with a table
 /// `child` whose `parent` references `item(id)` through a *deferred*
 /// foreign key: a dangling parent fails only at `COMMIT`.
-pub fn open_with_deferred_foreign_key(dir: &Path) -> Database {
-    let db = open_with(
-        dir,
-        Options::default().setup_sql("PRAGMA foreign_keys = ON"),
-    );
+pub fn open_with_deferred_foreign_key(dir: &Path, options: Options) -> Database {
+    let db = open_with(dir, options.setup_sql("PRAGMA foreign_keys = ON"));
     db.with_connection(|c| {
         c.execute_batch(
             "CREATE TABLE child (id INTEGER PRIMARY KEY,
