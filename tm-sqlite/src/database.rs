@@ -267,8 +267,7 @@ impl Database {
                         db: self.inner.clone(),
                         txid: txn.id(),
                         slot: Mutex::new(Slot::NotBegun),
-                        savepoints: Mutex::new(Vec::new()),
-                        next_savepoint: AtomicU64::new(1),
+                        savepoints: Mutex::default(),
                     });
                     txn.join(res.clone())?;
                     open.insert(txn.id(), res.clone());
@@ -463,15 +462,23 @@ enum Slot {
     Ended,
 }
 
+/// The SQL savepoints on a transaction's connection.
+#[derive(Default)]
+struct Savepoints {
+    /// Oldest first: (id, still wanted).
+    stack: Vec<(u64, bool)>,
+    /// The last id handed out; ids are never reused, so a handle whose
+    /// savepoint was cancelled never matches a later one.
+    issued: u64,
+}
+
 /// The per-transaction data manager of a [`Database`].
 pub(crate) struct SqliteTxn {
     me: Weak<SqliteTxn>,
     db: Arc<DbInner>,
     txid: TxId,
     slot: Mutex<Slot>,
-    /// SQL savepoints on the connection, oldest first: (id, still wanted).
-    savepoints: Mutex<Vec<(u64, bool)>>,
-    next_savepoint: AtomicU64,
+    savepoints: Mutex<Savepoints>,
 }
 
 impl SqliteTxn {
@@ -635,14 +642,15 @@ impl DataManager for SqliteTxn {
     }
 
     fn savepoint(&self, _txn: &Transaction) -> tm_core::Result<Box<dyn ResourceSavepoint>> {
-        let mut stack = self.savepoints.lock();
+        let mut savepoints = self.savepoints.lock();
         let shared = self.acquire().map_err(|e| self.tm_err(e))?;
-        let id = self.next_savepoint.fetch_add(1, Ordering::Relaxed);
+        savepoints.issued += 1;
+        let id = savepoints.issued;
         let c = shared.lock();
         c.conn()
             .execute_batch(&format!("SAVEPOINT tm_sp_{id}"))
             .map_err(|e| self.tm_err(self.db.err(Phase::Savepoint, e)))?;
-        stack.push((id, true));
+        savepoints.stack.push((id, true));
         Ok(Box::new(SqliteSavepoint {
             res: self.me.clone(),
             id,
@@ -663,7 +671,7 @@ impl ResourceSavepoint for SqliteSavepoint {
         let Some(res) = self.res.upgrade() else {
             return Err(tm_core::Error::InvalidSavepoint);
         };
-        let mut stack = res.savepoints.lock();
+        let stack = &mut res.savepoints.lock().stack;
         let Some(pos) = stack.iter().position(|(id, _)| *id == self.id) else {
             return Err(tm_core::Error::InvalidSavepoint);
         };
@@ -685,7 +693,7 @@ impl Drop for SqliteSavepoint {
         let Some(res) = self.res.upgrade() else {
             return;
         };
-        let mut stack = res.savepoints.lock();
+        let stack = &mut res.savepoints.lock().stack;
         let Some(pos) = stack.iter().position(|(id, _)| *id == self.id) else {
             return;
         };
