@@ -48,10 +48,11 @@
 //! never concurrently. Different transactions may call the same data manager
 //! object from different threads, hence `Send + Sync`.
 
-use std::fmt;
 
 use crate::error::{Error, Result};
 use crate::transaction::Transaction;
+
+pub use crate::phase::Phase;
 
 /// A resource taking part in transactions: the ZODB `IDataManager` protocol.
 ///
@@ -175,6 +176,31 @@ pub trait DataManager: Send + Sync {
     fn recovery_id(&self) -> Option<String> {
         None
     }
+
+    /// Whether this resource's prepared state survives a crash of this
+    /// process (a durable prepare, as tm-redis's). A transaction with such a
+    /// resource beside others needs a decision log, or the commit is refused
+    /// ([`Error::UnsafeSetup`](crate::Error::UnsafeSetup)): after a crash,
+    /// nothing could tell recovery whether to commit or abort it.
+    ///
+    /// Default: `recovery_id().is_some()`. An in-memory resource that is
+    /// recoverable only within its process (like [`MemoryStore`](crate::MemoryStore))
+    /// says `false`.
+    fn prepares_durably(&self) -> bool {
+        self.recovery_id().is_some()
+    }
+
+    /// The decision log whose records commit atomically *inside* this
+    /// resource's own commit (a logging last resource, e.g. tm-sqlite's
+    /// `SqliteDecisionLog` on the same database), if any.
+    ///
+    /// A one-phase resource (`can_prepare() == false`) beside resources that
+    /// prepare durably must host the manager's decision log, or the commit is
+    /// refused: its own commit is the decision, and a log kept elsewhere could
+    /// say "committed" for a transaction whose last resource rolled back.
+    fn hosted_log(&self) -> Option<crate::LogId> {
+        None
+    }
 }
 
 /// A data manager's savepoint: rolling it back restores the resource to the
@@ -202,63 +228,5 @@ pub trait Synchronizer: Send + Sync {
     /// A commit or an abort has ended (look at `txn.status()`).
     fn after_completion(&self, txn: &Transaction) {
         let _ = txn;
-    }
-}
-
-/// A step of the protocol: names the phase in errors, logs and [`CallLog`]s.
-///
-/// [`CallLog`]: crate::testing::CallLog
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Phase {
-    /// [`DataManager::abort`].
-    Abort,
-    /// [`DataManager::tpc_begin`].
-    TpcBegin,
-    /// [`DataManager::commit`].
-    Commit,
-    /// [`DataManager::tpc_vote`].
-    TpcVote,
-    /// [`DataManager::tpc_finish`].
-    TpcFinish,
-    /// [`DataManager::tpc_abort`].
-    TpcAbort,
-    /// [`DataManager::commit_one_phase`].
-    CommitOnePhase,
-    /// [`DataManager::savepoint`].
-    Savepoint,
-    /// [`ResourceSavepoint::rollback`].
-    Rollback,
-    /// Work inside the transaction, before commit (reads, staged writes).
-    Work,
-    /// Opening or connecting to a resource.
-    Open,
-    /// Crash recovery ([`recover`](crate::recover)).
-    Recover,
-}
-
-impl Phase {
-    /// The protocol's name of the phase (`"tpc_vote"`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Abort => "abort",
-            Phase::TpcBegin => "tpc_begin",
-            Phase::Commit => "commit",
-            Phase::TpcVote => "tpc_vote",
-            Phase::TpcFinish => "tpc_finish",
-            Phase::TpcAbort => "tpc_abort",
-            Phase::CommitOnePhase => "commit_one_phase",
-            Phase::Savepoint => "savepoint",
-            Phase::Rollback => "rollback",
-            Phase::Work => "work",
-            Phase::Open => "open",
-            Phase::Recover => "recover",
-        }
-    }
-}
-
-impl fmt::Display for Phase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }

@@ -1,6 +1,7 @@
 //! The one error type of tm-core.
 
-use crate::data_manager::Phase;
+use crate::phase::Phase;
+use crate::txid::TxId;
 
 /// A boxed error as adapters hand it to tm (`Send + Sync`, so it crosses threads).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -68,17 +69,50 @@ pub enum Error {
     #[error("invalid savepoint: an earlier savepoint was rolled back or the transaction ended")]
     InvalidSavepoint,
     /// The outcome is mixed: after the commit decision some resources
-    /// committed and others failed to. The failed ones stay prepared (in
-    /// doubt) and are finished by [`recover`](crate::recover).
+    /// committed and others did not. `in_doubt` ones stay prepared and are
+    /// finished (committed) by [`recover`](crate::recover) from the logged
+    /// decision; `rolled_back` ones lost their part for good (a second
+    /// one-phase resource that refused after the first committed, a
+    /// prepared record that recovery aborted or that was lost).
     #[error(
-        "heuristic outcome after the commit decision: committed {committed:?}, failed {failed:?}"
+        "heuristic outcome after the commit decision: committed {committed:?}, rolled back \
+         {rolled_back:?}, in doubt {in_doubt:?} (still prepared: recovery commits them from the \
+         logged decision)"
     )]
     Heuristic {
         /// Resources that committed.
         committed: Vec<String>,
-        /// Resources that failed to commit; they are in doubt.
-        failed: Vec<String>,
+        /// Resources whose part is rolled back or gone.
+        rolled_back: Vec<String>,
+        /// Resources still prepared: recovery will commit them.
+        in_doubt: Vec<String>,
     },
+    /// Recovery recorded an abort of this transaction before its commit
+    /// decision (the fence): nothing was committed, and the commit is
+    /// refused. Seen by a coordinator that stalled past the recovery grace
+    /// period; the transaction is aborted everywhere.
+    #[error("transaction {txid} was aborted by recovery before its commit decision (fenced): nothing was committed")]
+    Fenced {
+        /// The transaction.
+        txid: TxId,
+    },
+    /// A resource was asked to finish a prepared transaction whose record is
+    /// gone, and it was not finished by this transaction: a missing record
+    /// is never success.
+    #[error("resource {resource}: the prepared record of {txid} is gone: {missing}")]
+    RecordMissing {
+        /// The resource.
+        resource: String,
+        /// The transaction.
+        txid: TxId,
+        /// What the resource knows of its end.
+        missing: Missing,
+    },
+    /// The transaction's set of participants could not be recovered
+    /// correctly after a crash, so the commit is refused before anything is
+    /// prepared. The message says what to do.
+    #[error("commit refused before anything was prepared: {0}")]
+    UnsafeSetup(String),
     /// An adapter's own error, with its source kept.
     #[error("resource {resource}: {source}")]
     Resource {
@@ -111,6 +145,28 @@ pub enum Error {
     /// A caller's argument was not acceptable (e.g. `attempts_n(0)`).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+}
+
+/// Why a prepared record is gone ([`Error::RecordMissing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Missing {
+    /// Aborted: recovery (or an abort) left a tombstone.
+    Aborted,
+    /// Neither a receipt of its commit nor a tombstone: lost, e.g. by a
+    /// failover to a replica that lacked it or a restore of older data.
+    Lost,
+}
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Missing::Aborted => "it was aborted (a tombstone is left)",
+            Missing::Lost => {
+                "lost: neither a receipt of its commit nor a tombstone (a failover, or a restore of older data?)"
+            }
+        })
+    }
 }
 
 impl Error {
@@ -158,6 +214,7 @@ impl Error {
             | Error::Transient { resource, .. }
             | Error::SavepointNotSupported { resource }
             | Error::Resource { resource, .. }
+            | Error::RecordMissing { resource, .. }
             | Error::Panicked { resource, .. } => Some(resource),
             _ => None,
         }

@@ -53,9 +53,12 @@ mod attempts;
 pub mod data_manager;
 mod decision_log;
 mod error;
+mod file_log;
 mod manager;
 mod memory;
+mod phase;
 mod recovery;
+mod recovery_service;
 mod savepoint;
 mod status;
 pub mod testing;
@@ -64,11 +67,16 @@ mod txid;
 
 pub use attempts::{Attempt, Attempts, Backoff};
 pub use data_manager::{DataManager, Phase, ResourceSavepoint, Synchronizer};
-pub use decision_log::{Decision, DecisionLog, FileDecisionLog};
-pub use error::{BoxError, Error, Result};
+pub use decision_log::{Decision, DecisionLog, LogId, Outcome};
+pub use error::{BoxError, Error, Missing, Result};
+pub use file_log::FileDecisionLog;
 pub use manager::{TransactionManager, TransactionManagerBuilder, TxError};
 pub use memory::{MemoryHandle, MemoryStore};
-pub use recovery::{recover, Recoverable, RecoveryReport};
+pub use recovery::{
+    recover, recover_with, resolve, InDoubt, Recoverable, RecoveryOptions, RecoveryReport,
+    Resolution,
+};
+pub use recovery_service::{RecoveryService, RecoveryServiceBuilder};
 pub use savepoint::Savepoint;
 pub use status::Status;
 pub use transaction::Transaction;

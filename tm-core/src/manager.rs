@@ -12,7 +12,7 @@ use tracing::error;
 
 use crate::attempts::{Attempts, Backoff};
 use crate::data_manager::Synchronizer;
-use crate::decision_log::DecisionLog;
+use crate::decision_log::{DecisionLog, LogId};
 use crate::error::{Error, Result};
 use crate::savepoint::Savepoint;
 use crate::status::Status;
@@ -25,6 +25,10 @@ pub(crate) struct Shared {
     retry_attempt_count: AtomicU32,
     pub(crate) backoff: Mutex<Backoff>,
     pub(crate) decision_log: Option<Arc<dyn DecisionLog>>,
+    /// The log's id, read once.
+    pub(crate) log_id: Option<LogId>,
+    pub(crate) allow_unrecoverable: bool,
+    pub(crate) allow_multiple_last_resources: bool,
     synchs: RwLock<Arc<[Arc<dyn Synchronizer>]>>,
     /// Lets the common case (no synchronizer) skip the lock.
     has_synchs: AtomicBool,
@@ -157,6 +161,8 @@ pub struct TransactionManagerBuilder {
     retry_attempt_count: Option<u32>,
     backoff: Option<Backoff>,
     decision_log: Option<Arc<dyn DecisionLog>>,
+    allow_unrecoverable: bool,
+    allow_multiple_last_resources: bool,
 }
 
 impl fmt::Debug for TransactionManagerBuilder {
@@ -165,7 +171,12 @@ impl fmt::Debug for TransactionManagerBuilder {
             .field("explicit", &self.explicit)
             .field("retry_attempt_count", &self.retry_attempt_count)
             .field("backoff", &self.backoff)
-            .field("decision_log", &self.decision_log.is_some())
+            .field("decision_log", &self.decision_log.as_ref().map(|l| l.id()))
+            .field("allow_unrecoverable", &self.allow_unrecoverable)
+            .field(
+                "allow_multiple_last_resources",
+                &self.allow_multiple_last_resources,
+            )
             .finish()
     }
 }
@@ -191,8 +202,28 @@ impl TransactionManagerBuilder {
         self.decision_log = Some(log);
         self
     }
+    /// Lets transactions commit whose resources could not be recovered
+    /// correctly after a crash: a resource that prepares durably beside
+    /// others with no decision log, or a one-phase resource beside them with
+    /// the log kept outside it. Off by default: such a commit is refused
+    /// with [`Error::UnsafeSetup`] before anything is prepared. A crash
+    /// during such a commit leaves prepared records that only an operator
+    /// can resolve.
+    pub fn allow_unrecoverable(mut self, allow: bool) -> Self {
+        self.allow_unrecoverable = allow;
+        self
+    }
+    /// Lets a transaction have more than one one-phase resource
+    /// (`can_prepare() == false`). Off by default, as Narayana's
+    /// `allowMultipleLastResources`: if the second refuses after the first
+    /// committed, the outcome is mixed ([`Error::Heuristic`]).
+    pub fn allow_multiple_last_resources(mut self, allow: bool) -> Self {
+        self.allow_multiple_last_resources = allow;
+        self
+    }
     /// The manager.
     pub fn build(self) -> TransactionManager {
+        let log_id = self.decision_log.as_ref().map(|l| l.id());
         TransactionManager {
             shared: Arc::new(Shared {
                 id: NEXT_MANAGER.fetch_add(1, Ordering::Relaxed),
@@ -200,6 +231,9 @@ impl TransactionManagerBuilder {
                 retry_attempt_count: AtomicU32::new(self.retry_attempt_count.unwrap_or(3)),
                 backoff: Mutex::new(self.backoff.unwrap_or_default()),
                 decision_log: self.decision_log,
+                log_id,
+                allow_unrecoverable: self.allow_unrecoverable,
+                allow_multiple_last_resources: self.allow_multiple_last_resources,
                 synchs: RwLock::new(Arc::from(Vec::new())),
                 has_synchs: AtomicBool::new(false),
             }),

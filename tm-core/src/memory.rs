@@ -1,16 +1,18 @@
 //! `MemoryStore`: a transactional in-memory key-value store, the reference
 //! resource manager (optimistic versions, savepoints, prepare and recovery).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
 use crate::data_manager::{DataManager, Phase, ResourceSavepoint};
-use crate::error::{Error, Result};
-use crate::recovery::Recoverable;
+use crate::decision_log::LogId;
+use crate::error::{Error, Missing, Result};
+use crate::recovery::{InDoubt, Recoverable};
 use crate::transaction::Transaction;
 use crate::txid::{TxId, TxIdMap};
 
@@ -26,7 +28,15 @@ use crate::txid::{TxId, TxIdMap};
 /// keys never conflict.
 ///
 /// Its prepared state outlives the transaction object (as a durable store's
-/// would outlive a crash), so it is [`Recoverable`].
+/// would outlive a crash), so it is [`Recoverable`]: each prepared record
+/// names its coordinator's [`LogId`] and when it was prepared; a commit
+/// leaves a receipt and an abort a tombstone (the last
+/// [`ENDINGS_KEPT`](Self::ENDINGS_KEPT) of each), so that finishing a
+/// missing record tells "already finished" from "aborted" and "lost", and a
+/// late prepare of an aborted transaction is refused. Being in memory, its
+/// prepare is not durable across a crash of the process
+/// ([`prepares_durably`](DataManager::prepares_durably) is `false`), so it
+/// needs no decision log beside other resources.
 ///
 /// ```
 /// use tm_core::{MemoryStore, TransactionManager};
@@ -81,6 +91,30 @@ enum Lock {
 struct Prepared<V> {
     writes: Vec<(String, Option<V>)>,
     read_keys: Vec<String>,
+    log: Option<LogId>,
+    at: Instant,
+}
+
+const ENDINGS_KEPT: usize = 1 << 16;
+
+/// The last few endings of one kind (receipts or tombstones), oldest first.
+#[derive(Default)]
+struct Endings {
+    set: HashSet<TxId>,
+    order: VecDeque<TxId>,
+}
+
+impl Endings {
+    fn insert(&mut self, txid: TxId) {
+        if self.set.insert(txid) {
+            self.order.push_back(txid);
+            if self.order.len() > ENDINGS_KEPT {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 struct StoreState<V> {
@@ -89,6 +123,8 @@ struct StoreState<V> {
     locks: HashMap<String, Lock>,
     prepared: TxIdMap<Prepared<V>>,
     open: TxIdMap<Arc<MemoryTxn<V>>>,
+    receipts: Endings,
+    tombstones: Endings,
 }
 
 impl<V> StoreState<V> {
@@ -104,18 +140,30 @@ impl<V> StoreState<V> {
         }
     }
 
-    /// Applies a prepared transaction and releases its locks (idempotent).
-    fn finish_prepared(&mut self, txid: &TxId) {
-        if let Some(prepared) = self.prepared.remove(txid) {
-            self.release(txid, &prepared);
-            self.apply(prepared.writes);
+    /// Applies a prepared transaction, releases its locks and leaves a
+    /// receipt. Idempotent; a missing record without a receipt says why.
+    fn finish_prepared(&mut self, txid: &TxId) -> std::result::Result<(), Missing> {
+        match self.prepared.remove(txid) {
+            Some(prepared) => {
+                self.release(txid, &prepared);
+                self.apply(prepared.writes);
+                self.receipts.insert(*txid);
+                Ok(())
+            }
+            None if self.receipts.set.contains(txid) => Ok(()),
+            None if self.tombstones.set.contains(txid) => Err(Missing::Aborted),
+            None => Err(Missing::Lost),
         }
     }
 
-    /// Drops a prepared transaction and releases its locks (idempotent).
+    /// Drops a prepared transaction, releases its locks and leaves a
+    /// tombstone (idempotent).
     fn abort_prepared(&mut self, txid: &TxId) {
         if let Some(prepared) = self.prepared.remove(txid) {
             self.release(txid, &prepared);
+        }
+        if !self.receipts.set.contains(txid) {
+            self.tombstones.insert(*txid);
         }
     }
 
@@ -143,6 +191,10 @@ impl<V: Clone + Send + Sync + 'static> Default for MemoryStore<V> {
 }
 
 impl<V: Clone + Send + Sync + 'static> MemoryStore<V> {
+    /// How many receipts (of commits) and tombstones (of aborts) the store
+    /// keeps: finishing a record that is gone is answered from them.
+    pub const ENDINGS_KEPT: usize = ENDINGS_KEPT;
+
     /// A store named `memory`.
     pub fn new() -> Self {
         Self::named("memory")
@@ -160,6 +212,8 @@ impl<V: Clone + Send + Sync + 'static> MemoryStore<V> {
                     locks: HashMap::new(),
                     prepared: TxIdMap::default(),
                     open: TxIdMap::default(),
+                    receipts: Endings::default(),
+                    tombstones: Endings::default(),
                 }),
                 fail_finish: AtomicBool::new(false),
             }),
@@ -235,16 +289,28 @@ impl<V: Clone + Send + Sync + 'static> Recoverable for MemoryStore<V> {
         self.inner.resource_id.clone()
     }
 
-    fn in_doubt(&self) -> Result<Vec<TxId>> {
+    fn in_doubt(&self) -> Result<Vec<InDoubt>> {
         let st = self.inner.state.lock();
-        let mut ids: Vec<TxId> = st.prepared.keys().copied().collect();
-        ids.sort();
-        Ok(ids)
+        let now = Instant::now();
+        let mut records: Vec<InDoubt> = st
+            .prepared
+            .iter()
+            .map(|(txid, p)| InDoubt::new(*txid, p.log, now.saturating_duration_since(p.at)))
+            .collect();
+        records.sort_by_key(|r| r.txid);
+        Ok(records)
     }
 
     fn commit_prepared(&self, txid: &TxId) -> Result<()> {
-        self.inner.state.lock().finish_prepared(txid);
-        Ok(())
+        self.inner
+            .state
+            .lock()
+            .finish_prepared(txid)
+            .map_err(|missing| Error::RecordMissing {
+                resource: self.inner.name.clone(),
+                txid: *txid,
+                missing,
+            })
     }
 
     fn abort_prepared(&self, txid: &TxId) -> Result<()> {
@@ -434,9 +500,15 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
         Ok(())
     }
 
-    fn tpc_vote(&self, _txn: &Transaction) -> Result<()> {
+    fn tpc_vote(&self, txn: &Transaction) -> Result<()> {
         let mut t = self.state.lock();
         let mut st = self.store.state.lock();
+        if st.tombstones.set.contains(&self.txid) {
+            return Err(Error::resource(
+                self.name(),
+                format!("the prepare of {} is refused: it was aborted (a tombstone)", self.txid),
+            ));
+        }
         self.validate(&st, &t, Phase::TpcVote)?;
         for (key, _) in &t.writes {
             st.locks.insert(key.clone(), Lock::Write(self.txid));
@@ -463,8 +535,15 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
         let writes = std::mem::take(&mut t.writes);
         t.index.clear();
         t.ended = true;
-        st.prepared
-            .insert(self.txid, Prepared { writes, read_keys });
+        st.prepared.insert(
+            self.txid,
+            Prepared {
+                writes,
+                read_keys,
+                log: txn.log_id(),
+                at: Instant::now(),
+            },
+        );
         Ok(())
     }
 
@@ -477,9 +556,13 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
         }
         self.end();
         let mut st = self.store.state.lock();
-        st.finish_prepared(&self.txid);
         self.forget_open(&mut st);
-        Ok(())
+        st.finish_prepared(&self.txid)
+            .map_err(|missing| Error::RecordMissing {
+                resource: self.name().to_owned(),
+                txid: self.txid,
+                missing,
+            })
     }
 
     fn tpc_abort(&self, _txn: &Transaction) -> Result<()> {
@@ -509,6 +592,10 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
 
     fn recovery_id(&self) -> Option<String> {
         Some(self.store.resource_id.clone())
+    }
+
+    fn prepares_durably(&self) -> bool {
+        false
     }
 }
 

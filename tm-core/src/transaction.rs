@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 use tracing::{debug, error, trace, warn};
 
 use crate::data_manager::{DataManager, Phase};
-use crate::decision_log::Decision;
+use crate::decision_log::{Decision, LogId};
 use crate::error::{Error, Result};
 use crate::manager::Shared;
 use crate::savepoint::{Savepoint, SavepointEntry};
@@ -284,6 +284,13 @@ impl Transaction {
     /// The transaction's id: globally unique, stable across processes.
     pub fn id(&self) -> TxId {
         self.inner.id
+    }
+
+    /// The id of the manager's decision log, if it has one: resources that
+    /// prepare durably write it into their prepared record, so that
+    /// recovery resolves only its own log's records.
+    pub fn log_id(&self) -> Option<LogId> {
+        self.inner.shared.log_id
     }
 
     /// The current status.
@@ -651,6 +658,9 @@ impl Transaction {
             _ => {}
         }
 
+        if let Err(err) = self.check_setup(resources) {
+            return Err(self.abort_before_decision(resources, 0, err));
+        }
         if let Err((i, err)) = each(
             resources,
             0,
@@ -685,9 +695,10 @@ impl Transaction {
             _ => None,
         };
 
-        // Indices of the resources that failed after the decision; the names
-        // are only built for a heuristic report (no allocation on success).
-        let mut failed: Vec<usize> = Vec::new();
+        // The resources that did not commit after the decision, and how they
+        // ended; names are only built for a heuristic report (no allocation
+        // on success).
+        let mut failed: Vec<(usize, Ending)> = Vec::new();
         let mut last_committed = false;
         for (i, dm) in resources
             .iter()
@@ -712,7 +723,7 @@ impl Transaction {
                     if let Err(cleanup) = call(dm, Phase::TpcAbort, || dm.tpc_abort(self)) {
                         error!(resource = dm.sort_key(), error = %cleanup, "tpc_abort failed");
                     }
-                    failed.push(i);
+                    failed.push((i, Ending::RolledBack));
                 }
             }
         }
@@ -720,8 +731,13 @@ impl Transaction {
         for (i, err) in each_all(resources, Phase::TpcFinish, prepares, |dm| {
             dm.tpc_finish(self)
         }) {
-            error!(resource = resources[i].sort_key(), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recover()");
-            failed.push(i);
+            if let Error::RecordMissing { .. } = err {
+                error!(resource = resources[i].sort_key(), error = %err, "tpc_finish after the commit decision found the prepared record gone");
+                failed.push((i, Ending::RolledBack));
+            } else {
+                error!(resource = resources[i].sort_key(), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recovery commits it");
+                failed.push((i, Ending::InDoubt));
+            }
         }
 
         if failed.is_empty() {
@@ -735,7 +751,6 @@ impl Transaction {
             Ok(())
         } else {
             // Reported in the order they were finished: last resources first.
-            let name = |i: usize| resources[i].sort_key().to_owned();
             let order = resources
                 .iter()
                 .enumerate()
@@ -747,18 +762,92 @@ impl Transaction {
                         .filter(|(_, dm)| dm.can_prepare()),
                 )
                 .map(|(i, _)| i);
-            let committed: Vec<String> = order
-                .clone()
-                .filter(|i| !failed.contains(i))
-                .map(name)
-                .collect();
-            let failed: Vec<String> = order.filter(|i| failed.contains(i)).map(name).collect();
+            let ending = |i: usize| {
+                failed
+                    .iter()
+                    .find(|(j, _)| *j == i)
+                    .map_or(Ending::Committed, |(_, e)| *e)
+            };
+            let named = |want: Ending| -> Vec<String> {
+                order
+                    .clone()
+                    .filter(|&i| ending(i) == want)
+                    .map(|i| resources[i].sort_key().to_owned())
+                    .collect()
+            };
+            let (committed, rolled_back, in_doubt) = (
+                named(Ending::Committed),
+                named(Ending::RolledBack),
+                named(Ending::InDoubt),
+            );
             error!(
                 ?committed,
-                ?failed,
+                ?rolled_back,
+                ?in_doubt,
                 "heuristic outcome: the transaction committed only in part"
             );
-            Err(Error::Heuristic { committed, failed })
+            Err(Error::Heuristic {
+                committed,
+                rolled_back,
+                in_doubt,
+            })
+        }
+    }
+
+    /// Refuses, before anything is prepared, a set of resources that could
+    /// not be recovered correctly after a crash (see
+    /// [`TransactionManagerBuilder::allow_unrecoverable`](crate::TransactionManagerBuilder::allow_unrecoverable)).
+    fn check_setup(&self, resources: &[Arc<dyn DataManager>]) -> Result<()> {
+        let shared = &self.inner.shared;
+        let names = |pick: &dyn Fn(&Arc<dyn DataManager>) -> bool| {
+            resources
+                .iter()
+                .filter(|dm| pick(dm))
+                .map(|dm| dm.sort_key())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut one_phase = resources.iter().filter(|dm| !dm.can_prepare());
+        let last = one_phase.next();
+        if one_phase.next().is_some() && !shared.allow_multiple_last_resources {
+            return Err(Error::UnsafeSetup(format!(
+                "{} cannot prepare (one-phase resources), and only one may commit last: if a \
+                 second refused after the first committed, the outcome would be mixed. Use one, or \
+                 allow it with TransactionManagerBuilder::allow_multiple_last_resources(true)",
+                names(&|dm| !dm.can_prepare())
+            )));
+        }
+        if shared.allow_unrecoverable {
+            return Ok(());
+        }
+        let Some(durable) = resources
+            .iter()
+            .find(|dm| dm.can_prepare() && dm.prepares_durably())
+        else {
+            return Ok(());
+        };
+        match (shared.log_id, last) {
+            (None, _) => Err(Error::UnsafeSetup(format!(
+                "{} prepares durably beside {}, but the manager has no decision log: after a \
+                 crash, recovery could not tell whether to commit or abort it. Configure \
+                 TransactionManagerBuilder::decision_log (a SqliteDecisionLog on the SQLite \
+                 database that takes part, or a FileDecisionLog), or opt out with \
+                 allow_unrecoverable(true)",
+                durable.sort_key(),
+                names(&|dm| !same_resource(dm, durable))
+            ))),
+            (Some(id), Some(last)) if last.hosted_log() != Some(id) => {
+                Err(Error::UnsafeSetup(format!(
+                    "{} cannot prepare, so its own commit is the decision, but the decision log \
+                     {id} is kept outside it: a crash between the two would commit {} while {} \
+                     rolls back. Keep the log inside it (for SQLite: SqliteDecisionLog::new(&db) \
+                     on the same Database), or opt out with allow_unrecoverable(true)",
+                    last.sort_key(),
+                    durable.sort_key(),
+                    last.sort_key()
+                )))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -1015,6 +1104,14 @@ impl Transaction {
             }
         }
     }
+}
+
+/// How a resource ended after the commit decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Committed,
+    RolledBack,
+    InDoubt,
 }
 
 fn same_resource(a: &Arc<dyn DataManager>, b: &Arc<dyn DataManager>) -> bool {

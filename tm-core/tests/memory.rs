@@ -179,7 +179,7 @@ fn a_prepared_transaction_locks_its_keys_until_it_is_recovered() {
     });
     assert!(matches!(r, Err(Error::Conflict { .. })), "{r:?}");
     // ... until recovery commits the prepared one.
-    let ids = y.in_doubt().unwrap();
+    let ids: Vec<_> = y.in_doubt().unwrap().into_iter().map(|r| r.txid).collect();
     assert_eq!(ids, [t1.id()]);
     y.commit_prepared(&ids[0]).unwrap();
     y.commit_prepared(&ids[0]).unwrap(); // idempotent

@@ -144,7 +144,7 @@ proptest! {
         const FAULTS: [Fault; 3] = [Fault::Error, Fault::Conflict, Fault::Panic];
         let log = CallLog::new();
         let victim = fault_at.map(|(i, p, f)| (i.index(resources.len()), PHASES[p], FAULTS[f]));
-        let tm = tm();
+        let tm = tm_many_last();
         let txn = tm.begin().unwrap();
         let mut names = Vec::new();
         for (i, (key, one_phase)) in resources.iter().enumerate() {
@@ -163,7 +163,7 @@ proptest! {
         }
         let result = txn.commit();
         let in_doubt = match &result {
-            Err(Error::Heuristic { failed, .. }) => failed.clone(),
+            Err(Error::Heuristic { in_doubt, .. }) => in_doubt.clone(),
             _ => Vec::new(),
         };
         if result.is_err() {

@@ -4,11 +4,12 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use tm_core::testing::{CallLog, Fault, TestDataManager};
 use tm_core::{
-    recover, Error, FileDecisionLog, MemoryStore, Phase, Recoverable, Status, TransactionManager,
+    recover, recover_with, Error, FileDecisionLog, MemoryStore, Phase, Recoverable, RecoveryOptions, Status, TransactionManager,
 };
 
 use Phase::*;
@@ -253,9 +254,14 @@ fn finish_failure_is_heuristic_naming_committed_and_failed_and_rolls_back_nobody
     for fault in FAULTS {
         let (log, tm, txn, result) = commit_abc_with_b_failing(TpcFinish, fault);
         match result.unwrap_err() {
-            Error::Heuristic { committed, failed } => {
+            Error::Heuristic {
+                committed,
+                rolled_back,
+                in_doubt,
+            } => {
                 assert_eq!(committed, ["a", "c"], "{fault:?}");
-                assert_eq!(failed, ["b"], "{fault:?}");
+                assert_eq!(in_doubt, ["b"], "{fault:?}");
+                assert!(rolled_back.is_empty(), "{fault:?}");
             }
             other => panic!("{fault:?}: expected Heuristic, got {other:?}"),
         }
@@ -297,7 +303,7 @@ fn heuristic_error_is_not_retryable_and_names_both_lists() {
     assert!(!tm.is_retryable(&err));
     let text = err.to_string();
     assert!(
-        text.contains("committed [\"b\"]") && text.contains("failed [\"a\"]"),
+        text.contains("committed [\"b\"]") && text.contains("in doubt [\"a\"]"),
         "{text}"
     );
 }
@@ -477,9 +483,14 @@ fn second_one_phase_failure_after_the_first_committed_is_heuristic() {
             .fail_at(TpcVote, fault);
         let (tm, txn, result) = commit_with(&[a, l1, l2]);
         match result.unwrap_err() {
-            Error::Heuristic { committed, failed } => {
+            Error::Heuristic {
+                committed,
+                rolled_back,
+                in_doubt,
+            } => {
                 assert_eq!(committed, ["l1", "a"], "{fault:?}");
-                assert_eq!(failed, ["l2"], "{fault:?}");
+                assert_eq!(rolled_back, ["l2"], "{fault:?}");
+                assert!(in_doubt.is_empty(), "{fault:?}");
             }
             other => panic!("{fault:?}: expected Heuristic, got {other:?}"),
         }
@@ -521,7 +532,7 @@ fn every_resource_gets_at_most_one_ending_for_a_failure_at_any_phase() {
                 let dms = [make("a"), make("b"), make("l")];
                 let (tm, txn, result) = commit_with(&dms);
                 let in_doubt = match &result {
-                    Err(Error::Heuristic { failed, .. }) => failed.clone(),
+                    Err(Error::Heuristic { in_doubt, .. }) => in_doubt.clone(),
                     _ => Vec::new(),
                 };
                 // The abort that follows a failure ends nobody twice.
@@ -738,6 +749,7 @@ fn only_one_phase_resources_write_no_decision_their_commits_decide() {
     let tm = TransactionManager::builder()
         .explicit(true)
         .decision_log(dlog.clone())
+        .allow_multiple_last_resources(true)
         .build();
     let txn = tm.begin().unwrap();
     txn.join(TestDataManager::new("a", &log).one_phase())
@@ -799,9 +811,13 @@ fn finish_failure_with_a_file_log_is_heuristic_and_recover_finishes_it_after_a_r
         x.join(&txn).unwrap().put("k", 1);
         y.join(&txn).unwrap().put("k", 2);
         match txn.commit().unwrap_err() {
-            Error::Heuristic { committed, failed } => {
+            Error::Heuristic {
+                committed,
+                in_doubt,
+                ..
+            } => {
                 assert_eq!(committed, ["x"]);
-                assert_eq!(failed, ["y"]);
+                assert_eq!(in_doubt, ["y"]);
             }
             other => panic!("expected Heuristic, got {other:?}"),
         }
@@ -820,7 +836,7 @@ fn finish_failure_with_a_file_log_is_heuristic_and_recover_finishes_it_after_a_r
         .map(|d| d.txid)
         .collect();
     assert_eq!(pending, [txid]);
-    assert_eq!(y.in_doubt().unwrap(), [txid]);
+    assert_eq!(y.in_doubt().unwrap()[0].txid, txid);
     let report = recover(&flog, &[&x, &y]).unwrap();
     assert!(report.is_clean());
     assert_eq!(report.committed, [("memory:y".to_string(), txid)]);
@@ -835,11 +851,13 @@ fn finish_failure_with_a_file_log_is_heuristic_and_recover_finishes_it_after_a_r
 }
 
 #[test]
-fn prepared_transaction_without_a_decision_is_aborted_by_recover() {
+fn a_record_prepared_without_a_decision_log_is_never_presumed_aborted() {
     let dir = tempfile::tempdir().unwrap();
     let x = MemoryStore::<i32>::named("x");
     let y = MemoryStore::<i32>::named("y");
-    let tm = tm(); // no decision log: nothing records the decision
+    // No decision log: nothing records the decision, so no recovery may
+    // guess it (the old rule aborted it, though x had committed).
+    let tm = tm();
     y.fail_finish(true);
     let txn = tm.begin().unwrap();
     x.join(&txn).unwrap().put("k", 1);
@@ -848,11 +866,13 @@ fn prepared_transaction_without_a_decision_is_aborted_by_recover() {
     tm.abort().unwrap();
     y.fail_finish(false);
     let flog = FileDecisionLog::open(dir.path().join("log")).unwrap();
-    let report = recover(&flog, &[&x, &y]).unwrap();
-    assert_eq!(report.aborted, [("memory:y".to_string(), txn.id())]);
-    assert!(report.committed.is_empty());
-    assert_eq!(y.committed("k"), None, "presumed abort");
-    assert_eq!(y.prepared_count(), 0);
+    let report = recover_with(&flog, &[&x, &y], &RecoveryOptions::new().grace(Duration::ZERO)).unwrap();
+    assert!(report.aborted.is_empty() && report.committed.is_empty(), "{report:?}");
+    assert_eq!(report.foreign.len(), 1, "{report:?}");
+    assert_eq!(report.foreign[0].0, "memory:y");
+    assert_eq!(report.foreign[0].1.txid, txn.id());
+    assert_eq!(report.foreign[0].1.log, None);
+    assert_eq!(y.prepared_count(), 1, "left alone");
 }
 
 #[test]

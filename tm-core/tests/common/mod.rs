@@ -7,7 +7,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tm_core::testing::{CallLog, TestDataManager};
 use tm_core::{
-    Backoff, DataManager, Decision, DecisionLog, Error, Phase, Result, Synchronizer, Transaction,
+    Backoff, DataManager, Decision, DecisionLog, LogId, Outcome, Error, Phase, Result, Synchronizer, Transaction,
     TransactionManager, TxId,
 };
 
@@ -19,15 +19,25 @@ pub fn tm() -> TransactionManager {
         .build()
 }
 
+/// [`tm`], allowing several one-phase resources in one transaction (the
+/// protocol-order tests use them; the refusal is tested on its own).
+pub fn tm_many_last() -> TransactionManager {
+    TransactionManager::builder()
+        .explicit(true)
+        .backoff(Backoff::None)
+        .allow_multiple_last_resources(true)
+        .build()
+}
+
 /// Builds an expected call sequence.
 pub fn seq(calls: &[(&str, Phase)]) -> Vec<(String, Phase)> {
     calls.iter().map(|(n, p)| (n.to_string(), *p)).collect()
 }
 
 /// Joins `dms` (in this order) to a new transaction of a fresh explicit
-/// manager and commits it.
+/// manager (several one-phase resources allowed) and commits it.
 pub fn commit_with(dms: &[Arc<TestDataManager>]) -> (TransactionManager, Transaction, Result<()>) {
-    let tm = tm();
+    let tm = tm_many_last();
     let txn = tm.begin().unwrap();
     for dm in dms {
         txn.join(dm.clone()).unwrap();
@@ -113,6 +123,8 @@ pub struct RecordingDecisionLog {
     pub decisions: Mutex<Vec<Decision>>,
     pub pending: Mutex<Vec<Decision>>,
     pub fail_record: AtomicBool,
+    pub aborted: Mutex<Vec<TxId>>,
+    pub id: LogId,
 }
 
 impl RecordingDecisionLog {
@@ -122,11 +134,16 @@ impl RecordingDecisionLog {
             decisions: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
             fail_record: AtomicBool::new(false),
+            aborted: Mutex::new(Vec::new()),
+            id: LogId::new(),
         })
     }
 }
 
 impl DecisionLog for RecordingDecisionLog {
+    fn id(&self) -> LogId {
+        self.id
+    }
     fn record_commit(&self, decision: &Decision) -> Result<()> {
         self.calls.record("decision-log:record", Phase::Work);
         if self.fail_record.load(Ordering::SeqCst) {
@@ -135,9 +152,22 @@ impl DecisionLog for RecordingDecisionLog {
                 source: "disk full".into(),
             });
         }
+        if self.aborted.lock().contains(&decision.txid) {
+            return Err(Error::Fenced {
+                txid: decision.txid,
+            });
+        }
         self.decisions.lock().push(decision.clone());
         self.pending.lock().push(decision.clone());
         Ok(())
+    }
+    fn record_abort(&self, txid: &TxId) -> Result<Outcome> {
+        self.calls.record("decision-log:abort", Phase::Work);
+        if self.pending.lock().iter().any(|d| d.txid == *txid) {
+            return Ok(Outcome::Committed);
+        }
+        self.aborted.lock().push(*txid);
+        Ok(Outcome::Aborted)
     }
     fn forget(&self, txid: &TxId) -> Result<()> {
         self.calls.record("decision-log:forget", Phase::Work);
