@@ -48,7 +48,6 @@
 //! never concurrently. Different transactions may call the same data manager
 //! object from different threads, hence `Send + Sync`.
 
-
 use crate::error::{Error, Result};
 use crate::transaction::Transaction;
 

@@ -196,10 +196,14 @@ impl Error {
         }
     }
 
-    /// `true` for [`Error::Conflict`] and [`Error::Transient`]: the errors tm
-    /// itself retries without asking any resource.
+    /// `true` for [`Error::Conflict`], [`Error::Transient`] and
+    /// [`Error::Fenced`] (nothing was committed, so a retry is safe): the
+    /// errors tm itself retries without asking any resource.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Conflict { .. } | Error::Transient { .. })
+        matches!(
+            self,
+            Error::Conflict { .. } | Error::Transient { .. } | Error::Fenced { .. }
+        )
     }
 
     /// `true` when the outcome is mixed ([`Error::Heuristic`]): never retry it.

@@ -372,7 +372,9 @@ fn parse_header(bytes: &[u8]) -> std::io::Result<LogId> {
             "damaged header at offset 0 (checksum mismatch); nothing was changed".to_owned(),
         ));
     }
-    Ok(LogId::from_bytes(bytes[8..24].try_into().expect("16 bytes")))
+    Ok(LogId::from_bytes(
+        bytes[8..24].try_into().expect("16 bytes"),
+    ))
 }
 
 fn put_txid(out: &mut Vec<u8>, txid: &TxId) {
@@ -463,7 +465,6 @@ fn decode(body: &[u8]) -> Option<Record> {
         _ => None,
     }
 }
-
 
 #[derive(Default)]
 struct Replay {
@@ -645,7 +646,11 @@ mod tests {
                 text.contains(&format!("offset {HEADER_LEN}")),
                 "flip at {at}: {text}"
             );
-            assert_eq!(std::fs::read(&path).unwrap(), bytes, "flip at {at}: file changed");
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                bytes,
+                "flip at {at}: file changed"
+            );
         }
         // A damaged header is refused too.
         let mut bytes = clean.clone();
@@ -681,7 +686,10 @@ mod tests {
             let err = log
                 .record_commit(&Decision::new(fenced, vec![], BTreeMap::new()))
                 .unwrap_err();
-            assert!(matches!(err, Error::Fenced { txid } if txid == fenced), "{err}");
+            assert!(
+                matches!(err, Error::Fenced { txid } if txid == fenced),
+                "{err}"
+            );
             decided = commit(&log, "x");
             assert_eq!(log.record_abort(&decided).unwrap(), Outcome::Committed);
             assert_eq!(pending_ids(&log), vec![decided]);
@@ -742,7 +750,11 @@ mod tests {
             let handles: Vec<_> = (0..8)
                 .map(|_| {
                     let log = log.clone();
-                    s.spawn(move || (0..50).map(|i| commit(&log, &format!("p{i}"))).collect::<Vec<_>>())
+                    s.spawn(move || {
+                        (0..50)
+                            .map(|i| commit(&log, &format!("p{i}")))
+                            .collect::<Vec<_>>()
+                    })
                 })
                 .collect();
             handles

@@ -506,7 +506,10 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
         if st.tombstones.set.contains(&self.txid) {
             return Err(Error::resource(
                 self.name(),
-                format!("the prepare of {} is refused: it was aborted (a tombstone)", self.txid),
+                format!(
+                    "the prepare of {} is refused: it was aborted (a tombstone)",
+                    self.txid
+                ),
             ));
         }
         self.validate(&st, &t, Phase::TpcVote)?;

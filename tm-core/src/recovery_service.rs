@@ -124,7 +124,9 @@ impl RecoveryServiceBuilder {
         let thread = std::thread::Builder::new()
             .name("tm-recovery".to_owned())
             .spawn(move || self.run(&thread_shared))
-            .map_err(|e| crate::Error::InvalidArgument(format!("could not start the recovery thread: {e}")))?;
+            .map_err(|e| {
+                crate::Error::InvalidArgument(format!("could not start the recovery thread: {e}"))
+            })?;
         Ok(RecoveryService {
             shared,
             thread: Some(thread),

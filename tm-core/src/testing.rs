@@ -29,6 +29,7 @@ use parking_lot::Mutex;
 
 pub use crate::data_manager::Phase;
 use crate::data_manager::{DataManager, ResourceSavepoint};
+use crate::decision_log::LogId;
 use crate::error::{Error, Result};
 use crate::transaction::Transaction;
 
@@ -106,6 +107,8 @@ pub struct TestDataManager {
     rules: Mutex<Vec<Rule>>,
     savepoints: bool,
     one_phase: bool,
+    durable: bool,
+    hosted_log: Option<LogId>,
 }
 
 impl fmt::Debug for TestDataManager {
@@ -127,6 +130,8 @@ impl TestDataManager {
             rules: Mutex::new(Vec::new()),
             savepoints: true,
             one_phase: false,
+            durable: false,
+            hosted_log: None,
         })
     }
 
@@ -140,6 +145,8 @@ impl TestDataManager {
                 rules: Mutex::new(shared.rules.lock().clone()),
                 savepoints: shared.savepoints,
                 one_phase: shared.one_phase,
+                durable: shared.durable,
+                hosted_log: shared.hosted_log,
             },
         };
         f(&mut me);
@@ -182,6 +189,20 @@ impl TestDataManager {
     /// Cannot prepare (`can_prepare() == false`): committed last.
     pub fn one_phase(self: Arc<Self>) -> Arc<Self> {
         self.rebuild(|me| me.one_phase = true)
+    }
+
+    /// Says it prepares durably ([`DataManager::prepares_durably`]), like a
+    /// real store whose prepare survives a crash: tm then refuses to commit
+    /// it beside others without a decision log.
+    pub fn durable(self: Arc<Self>) -> Arc<Self> {
+        self.rebuild(|me| me.durable = true)
+    }
+
+    /// Says the decision log `log` commits inside this resource's own commit
+    /// ([`DataManager::hosted_log`]), like tm-sqlite with its
+    /// `SqliteDecisionLog`.
+    pub fn hosting(self: Arc<Self>, log: LogId) -> Arc<Self> {
+        self.rebuild(|me| me.hosted_log = Some(log))
     }
 
     /// The name given to [`new`](Self::new).
@@ -254,6 +275,12 @@ impl DataManager for TestDataManager {
     }
     fn can_prepare(&self) -> bool {
         !self.one_phase
+    }
+    fn prepares_durably(&self) -> bool {
+        self.durable
+    }
+    fn hosted_log(&self) -> Option<LogId> {
+        self.hosted_log
     }
     fn savepoint(&self, _txn: &Transaction) -> Result<Box<dyn ResourceSavepoint>> {
         if !self.savepoints {

@@ -9,7 +9,8 @@ use std::time::Duration;
 use common::*;
 use tm_core::testing::{CallLog, Fault, TestDataManager};
 use tm_core::{
-    recover, recover_with, Error, FileDecisionLog, MemoryStore, Phase, Recoverable, RecoveryOptions, Status, TransactionManager,
+    recover, recover_with, Error, FileDecisionLog, MemoryStore, Phase, Recoverable,
+    RecoveryOptions, Status, TransactionManager,
 };
 
 use Phase::*;
@@ -866,8 +867,16 @@ fn a_record_prepared_without_a_decision_log_is_never_presumed_aborted() {
     tm.abort().unwrap();
     y.fail_finish(false);
     let flog = FileDecisionLog::open(dir.path().join("log")).unwrap();
-    let report = recover_with(&flog, &[&x, &y], &RecoveryOptions::new().grace(Duration::ZERO)).unwrap();
-    assert!(report.aborted.is_empty() && report.committed.is_empty(), "{report:?}");
+    let report = recover_with(
+        &flog,
+        &[&x, &y],
+        &RecoveryOptions::new().grace(Duration::ZERO),
+    )
+    .unwrap();
+    assert!(
+        report.aborted.is_empty() && report.committed.is_empty(),
+        "{report:?}"
+    );
     assert_eq!(report.foreign.len(), 1, "{report:?}");
     assert_eq!(report.foreign[0].0, "memory:y");
     assert_eq!(report.foreign[0].1.txid, txn.id());

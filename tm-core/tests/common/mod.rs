@@ -7,8 +7,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tm_core::testing::{CallLog, TestDataManager};
 use tm_core::{
-    Backoff, DataManager, Decision, DecisionLog, LogId, Outcome, Error, Phase, Result, Synchronizer, Transaction,
-    TransactionManager, TxId,
+    Backoff, DataManager, Decision, DecisionLog, Error, LogId, Outcome, Phase, Result,
+    Synchronizer, Transaction, TransactionManager, TxId,
 };
 
 /// An explicit manager that retries without sleeping.
