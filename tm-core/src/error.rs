@@ -142,6 +142,27 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// Another thread is in the middle of an operation on this transaction
+    /// (a savepoint); this one was refused rather than interleaved with it.
+    #[error("the transaction is busy: {0}")]
+    Busy(&'static str),
+    /// This thread is inside a transaction of another manager: a
+    /// transaction of this one would commit on its own, whatever the outer
+    /// one does (e.g. the thread-local `tm::atomic` inside an explicit
+    /// manager's `run`).
+    #[error(
+        "this thread is inside transaction {outer} of {outer_manager}; a transaction of \
+         {manager} would commit on its own. Use the same manager (nest with atomic), or ask for \
+         an independent transaction with TransactionManagerBuilder::independent(true)"
+    )]
+    Nested {
+        /// The manager asked to begin.
+        manager: String,
+        /// The manager whose transaction is active on this thread.
+        outer_manager: String,
+        /// That transaction.
+        outer: TxId,
+    },
     /// A caller's argument was not acceptable (e.g. `attempts_n(0)`).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -21,6 +21,10 @@ use crate::transaction::Transaction;
 /// What every transaction of one manager shares with it.
 pub(crate) struct Shared {
     id: u64,
+    name: Option<String>,
+    /// Transactions may begin while another manager's is active on the
+    /// thread.
+    independent: bool,
     explicit: bool,
     retry_attempt_count: AtomicU32,
     pub(crate) backoff: Mutex<Backoff>,
@@ -80,6 +84,40 @@ impl Shared {
                 None => c.push((self.id, txn)),
             }
         })
+    }
+
+    /// The manager as messages name it.
+    pub(crate) fn label(&self) -> String {
+        match &self.name {
+            Some(name) => format!("manager {name:?} (#{})", self.id),
+            None => format!("manager #{}", self.id),
+        }
+    }
+
+    /// Refuses to begin while this thread is inside another manager's
+    /// transaction, unless this manager is independent.
+    fn check_nesting(&self) -> Result<()> {
+        if self.independent {
+            return Ok(());
+        }
+        let outer = CURRENT.with(|c| {
+            c.borrow()
+                .iter()
+                .find(|(id, t)| *id != self.id && !t.status().is_finished())
+                .map(|(_, t)| t.clone())
+        });
+        match outer {
+            Some(outer) if !outer.manager_is_independent() => Err(Error::Nested {
+                manager: self.label(),
+                outer_manager: outer.manager_label(),
+                outer: outer.id(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn is_independent(&self) -> bool {
+        self.independent
     }
 
     /// Called by a transaction once it is committed or aborted.
@@ -163,6 +201,8 @@ pub struct TransactionManagerBuilder {
     decision_log: Option<Arc<dyn DecisionLog>>,
     allow_unrecoverable: bool,
     allow_multiple_last_resources: bool,
+    name: Option<String>,
+    independent: bool,
 }
 
 impl fmt::Debug for TransactionManagerBuilder {
@@ -173,6 +213,8 @@ impl fmt::Debug for TransactionManagerBuilder {
             .field("backoff", &self.backoff)
             .field("decision_log", &self.decision_log.as_ref().map(|l| l.id()))
             .field("allow_unrecoverable", &self.allow_unrecoverable)
+            .field("name", &self.name)
+            .field("independent", &self.independent)
             .field(
                 "allow_multiple_last_resources",
                 &self.allow_multiple_last_resources,
@@ -221,12 +263,29 @@ impl TransactionManagerBuilder {
         self.allow_multiple_last_resources = allow;
         self
     }
+    /// A name for messages and logs (e.g. in [`Error::Nested`]).
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_owned());
+        self
+    }
+    /// Lets this manager's transactions begin while the thread is inside
+    /// another manager's transaction (and lets others begin inside its
+    /// own): they are deliberately independent, each committing on its
+    /// own. Off by default: such nesting is [`Error::Nested`], because it
+    /// is usually a mistake (the thread-local `tm::atomic` inside an
+    /// explicit manager's `run` would commit on its own, once per retry).
+    pub fn independent(mut self, independent: bool) -> Self {
+        self.independent = independent;
+        self
+    }
     /// The manager.
     pub fn build(self) -> TransactionManager {
         let log_id = self.decision_log.as_ref().map(|l| l.id());
         TransactionManager {
             shared: Arc::new(Shared {
                 id: NEXT_MANAGER.fetch_add(1, Ordering::Relaxed),
+                name: self.name,
+                independent: self.independent,
                 explicit: self.explicit,
                 retry_attempt_count: AtomicU32::new(self.retry_attempt_count.unwrap_or(3)),
                 backoff: Mutex::new(self.backoff.unwrap_or_default()),
@@ -392,10 +451,11 @@ impl TransactionManager {
                 error!(error = %err, txn = %current.id(), "abort of the previous transaction in begin() failed");
             }
         }
-        Ok(self.start())
+        self.start()
     }
 
-    fn start(&self) -> Transaction {
+    fn start(&self) -> Result<Transaction> {
+        self.shared.check_nesting()?;
         let txn = Transaction::new(self.shared.clone());
         self.shared.set_current(txn.clone());
         if let Some(synchs) = self.shared.synchs_if_any() {
@@ -403,7 +463,7 @@ impl TransactionManager {
                 s.new_transaction(&txn);
             }
         }
-        txn
+        Ok(txn)
     }
 
     /// This thread's current transaction. Implicit mode starts one if there
@@ -412,7 +472,7 @@ impl TransactionManager {
         match self.shared.current() {
             Some(txn) => Ok(txn),
             None if self.shared.explicit => Err(Error::NoTransaction),
-            None => Ok(self.start()),
+            None => self.start(),
         }
     }
 

@@ -10,7 +10,7 @@ use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -21,7 +21,7 @@ use crate::decision_log::{Decision, LogId};
 use crate::error::{Error, Result};
 use crate::manager::Shared;
 use crate::savepoint::{Savepoint, SavepointEntry};
-use crate::status::Status;
+use crate::status::{AtomicStage, Stage, Status, Step};
 use crate::txid::TxId;
 
 type BeforeCommitHook = Box<dyn FnOnce(&Transaction) -> Result<()> + Send>;
@@ -47,7 +47,6 @@ type AbortHook = Box<dyn FnOnce(&Transaction) + Send>;
 /// assert_eq!(store.committed("alice"), Some(100));
 /// # Ok::<(), tm_core::Error>(())
 /// ```
-#[derive(Clone)]
 pub struct Transaction {
     inner: Arc<Inner>,
 }
@@ -56,10 +55,22 @@ struct Inner {
     id: TxId,
     shared: Arc<Shared>,
     span: tracing::Span,
-    /// Written only with `state` locked (so that joins and status changes
-    /// are ordered); read without it.
-    status: AtomicU8,
+    /// Changed only by [`AtomicStage::step`], the one rule.
+    stage: AtomicStage,
+    /// Live handles: the last one to go aborts an unfinished transaction.
+    /// (An `Arc`'s strong count cannot tell: two handles dropped at once
+    /// may each see the other.)
+    handles: AtomicUsize,
     state: Mutex<State>,
+}
+
+impl Clone for Transaction {
+    fn clone(&self) -> Self {
+        self.inner.handles.fetch_add(1, Ordering::Relaxed);
+        Transaction {
+            inner: self.inner.clone(),
+        }
+    }
 }
 
 struct State {
@@ -100,28 +111,6 @@ impl State {
     }
 }
 
-fn status_from(v: u8) -> Status {
-    match v {
-        0 => Status::Active,
-        1 => Status::Committing,
-        2 => Status::Committed,
-        3 => Status::Doomed,
-        4 => Status::CommitFailed,
-        _ => Status::Aborted,
-    }
-}
-
-fn status_to(s: Status) -> u8 {
-    match s {
-        Status::Active => 0,
-        Status::Committing => 1,
-        Status::Committed => 2,
-        Status::Doomed => 3,
-        Status::CommitFailed => 4,
-        Status::Aborted => 5,
-    }
-}
-
 impl fmt::Debug for Transaction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Transaction")
@@ -139,25 +128,42 @@ impl PartialEq for Transaction {
 impl Eq for Transaction {}
 
 impl Drop for Transaction {
-    /// The last handle of an unfinished transaction aborts it, so that no
-    /// resource is left holding a connection, a lock or staged writes (a
-    /// thread that ends inside a transaction, a forgotten handle). The
-    /// manager keeps a handle on its current transaction, so this happens
-    /// only once that one is gone too.
+    /// The last handle of an unfinished transaction aborts it, exactly once,
+    /// so that no resource is left holding a connection, a lock or staged
+    /// writes (a thread that ends inside a transaction, a forgotten handle).
+    /// The manager keeps a handle on its current transaction, so this
+    /// happens only once that one is gone too.
+    ///
+    /// A clone captured by one of the transaction's own hooks or data is a
+    /// handle too: it keeps the transaction open until it ends (hooks get
+    /// `&Transaction`, so they need none).
+    ///
+    /// While the thread is panicking, the resources are not called (as
+    /// redb, which skips the abort then): the panic may have come from
+    /// inside one of them, and a second panic would abort the process. The
+    /// resources' own drop then releases what they hold (tm-sqlite's
+    /// connection rolls back); the error is logged.
     fn drop(&mut self) {
-        // No `Weak` handles exist: a strong count of one means this is the
-        // last handle, and nobody can clone it concurrently.
-        if Arc::strong_count(&self.inner) != 1 {
+        if self.inner.handles.fetch_sub(1, Ordering::AcqRel) != 1 {
             return;
         }
-        if matches!(
-            self.status(),
-            Status::Active | Status::Doomed | Status::CommitFailed
+        if !matches!(
+            self.inner.stage.stage(),
+            Stage::Active | Stage::CommitFailed
         ) {
-            warn!(txn = %self.inner.id, "the last handle of an unfinished transaction was dropped; aborting it");
-            if let Err(err) = self.abort() {
-                error!(txn = %self.inner.id, error = %err, "abort of a dropped transaction failed");
-            }
+            return;
+        }
+        if std::thread::panicking() {
+            error!(txn = %self.inner.id, "the last handle of an unfinished transaction was dropped while panicking; its resources are not called");
+            return;
+        }
+        warn!(txn = %self.inner.id, "the last handle of an unfinished transaction was dropped; aborting it");
+        // `abort` works on a handle; this one is going, so lend it a count.
+        self.inner.handles.fetch_add(1, Ordering::Relaxed);
+        let result = self.abort();
+        self.inner.handles.fetch_sub(1, Ordering::Relaxed);
+        if let Err(err) = result {
+            error!(txn = %self.inner.id, error = %err, "abort of a dropped transaction failed");
         }
     }
 }
@@ -181,7 +187,7 @@ fn call(dm: &Arc<dyn DataManager>, phase: Phase, f: impl FnOnce() -> Result<()>)
 fn each_all(
     resources: &[Arc<dyn DataManager>],
     phase: Phase,
-    pick: impl Fn(&Arc<dyn DataManager>) -> bool,
+    pick: impl Fn(usize) -> bool,
     mut f: impl FnMut(&Arc<dyn DataManager>) -> Result<()>,
 ) -> Vec<(usize, Error)> {
     let mut failures = Vec::new();
@@ -197,7 +203,7 @@ fn each_all(
 /// the operation is what the caller reports).
 fn log_failures(resources: &[Arc<dyn DataManager>], failures: &[(usize, Error)], what: &str) {
     for (i, err) in failures {
-        error!(resource = resources[*i].sort_key(), error = %err, "{what} failed");
+        error!(resource = %name_of(&resources[*i]), error = %err, "{what} failed");
     }
 }
 
@@ -209,16 +215,16 @@ fn each(
     resources: &[Arc<dyn DataManager>],
     start: usize,
     phase: Phase,
-    pick: impl Fn(&Arc<dyn DataManager>) -> bool,
+    pick: impl Fn(usize) -> bool,
     mut f: impl FnMut(&Arc<dyn DataManager>) -> Result<()>,
 ) -> std::result::Result<(), (usize, Error)> {
     let current = std::cell::Cell::new(start);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         for (i, dm) in resources.iter().enumerate().skip(start) {
-            if !pick(dm) {
+            current.set(i);
+            if !pick(i) {
                 continue;
             }
-            current.set(i);
             trace!(resource = dm.sort_key(), phase = phase.as_str(), "call");
             if let Err(err) = f(dm) {
                 debug!(resource = dm.sort_key(), phase = phase.as_str(), error = %err, "resource failed");
@@ -234,13 +240,31 @@ fn each(
             Err((
                 i,
                 Error::Panicked {
-                    resource: resources[i].sort_key().to_owned(),
+                    resource: name_of(&resources[i]),
                     phase,
                     message: panic_message(&*payload),
                 },
             ))
         }
     }
+}
+
+/// A resource's name for a report, even if its `sort_key` panics.
+pub(crate) fn name_of(dm: &Arc<dyn DataManager>) -> String {
+    catch_unwind(AssertUnwindSafe(|| dm.sort_key().to_owned()))
+        .unwrap_or_else(|_| "<a resource whose sort_key panicked>".to_owned())
+}
+
+/// Runs a call into the decision log, turning a panic into
+/// [`Error::Panicked`] (resource `decision log`).
+fn guarded_log<T>(phase: Phase, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        Err(Error::Panicked {
+            resource: "decision log".to_owned(),
+            phase,
+            message: panic_message(&*payload),
+        })
+    })
 }
 
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
@@ -269,7 +293,8 @@ impl Transaction {
                 id,
                 shared,
                 span,
-                status: AtomicU8::new(status_to(Status::Active)),
+                stage: AtomicStage::new(),
+                handles: AtomicUsize::new(1),
                 state: Mutex::new(State {
                     resources: Vec::new(),
                     resources_ended: false,
@@ -293,16 +318,30 @@ impl Transaction {
         self.inner.shared.log_id
     }
 
-    /// The current status.
-    pub fn status(&self) -> Status {
-        status_from(self.inner.status.load(Ordering::Acquire))
+    pub(crate) fn manager_label(&self) -> String {
+        self.inner.shared.label()
     }
 
-    /// Sets the status; callers hold the state lock.
-    fn set_status(&self, status: Status) {
-        self.inner
-            .status
-            .store(status_to(status), Ordering::Release);
+    pub(crate) fn manager_is_independent(&self) -> bool {
+        self.inner.shared.is_independent()
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        self.inner.stage.status()
+    }
+
+    /// Applies one status step (see `status.rs`): exactly one of two racing
+    /// operations wins.
+    fn step(&self, step: Step) -> Result<Stage> {
+        self.inner.stage.step(step)
+    }
+
+    /// A step the caller knows is allowed now (it holds the stage it leaves).
+    fn step_held(&self, step: Step) {
+        if let Err(err) = self.step(step) {
+            error!(?step, error = %err, "status step refused from a held stage (a tm bug)");
+        }
     }
 
     /// The `tracing` span of this transaction (carries its id); adapters may
@@ -318,12 +357,10 @@ impl Transaction {
     /// [`Error::CommitFailed`] after a failed commit, [`Error::Closed`] while
     /// committing or once finished.
     pub fn join(&self, dm: Arc<dyn DataManager>) -> Result<()> {
+        // Under the state lock: commit and abort take the resource list
+        // under it after their step, so a join is either in it or refused.
         let mut st = self.inner.state.lock();
-        match self.status() {
-            Status::Active | Status::Doomed => {}
-            Status::CommitFailed => return Err(Error::CommitFailed),
-            Status::Committing | Status::Committed | Status::Aborted => return Err(Error::Closed),
-        }
+        self.inner.stage.check_join()?;
         if st.resources.iter().any(|r| same_resource(r, &dm)) {
             return Ok(());
         }
@@ -364,15 +401,7 @@ impl Transaction {
     /// only abort. Idempotent. [`Error::Closed`] once finished or committing,
     /// [`Error::CommitFailed`] after a failed commit.
     pub fn doom(&self) -> Result<()> {
-        let _st = self.inner.state.lock();
-        match self.status() {
-            Status::Active | Status::Doomed => {
-                self.set_status(Status::Doomed);
-                Ok(())
-            }
-            Status::CommitFailed => Err(Error::CommitFailed),
-            Status::Committing | Status::Committed | Status::Aborted => Err(Error::Closed),
-        }
+        self.step(Step::Doom).map(drop)
     }
 
     /// Whether the transaction is doomed.
@@ -517,21 +546,14 @@ impl Transaction {
     /// [`Error::Heuristic`] after the decision.
     pub fn commit(&self) -> Result<()> {
         let _entered = self.inner.span.enter();
+        self.step(Step::Commit)?;
         // Fast path: with no hooks and no synchronizer, one lock takes the
-        // transaction from Active to Committing.
+        // resources and starts the protocol.
         let taken = {
             let mut st = self.inner.state.lock();
-            match self.status() {
-                Status::Active => {}
-                Status::Doomed => return Err(Error::Doomed),
-                Status::CommitFailed => return Err(Error::CommitFailed),
-                Status::Committing | Status::Committed | Status::Aborted => {
-                    return Err(Error::Closed)
-                }
-            }
             st.savepoints.clear();
             if st.extras.is_none() && !self.inner.shared.has_synchs() {
-                self.set_status(Status::Committing);
+                self.step_held(Step::StartProtocol);
                 Some(std::mem::take(&mut st.resources))
             } else {
                 None
@@ -541,18 +563,16 @@ impl Transaction {
             Some(resources) => resources,
             None => self.commit_preamble()?,
         };
-        // Stable: ties keep join order.
-        if !resources.is_sorted_by(|a, b| a.sort_key() <= b.sort_key()) {
-            resources.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));
-        }
-
-        let outcome = self.run_protocol(&resources);
+        let outcome = match sort(&mut resources) {
+            Ok(()) => self.run_protocol(&resources),
+            Err(err) => Err(self.abort_before_decision(&resources, 0, err)),
+        };
         match outcome {
             Ok(()) => {
                 let has_extras = {
                     let mut st = self.inner.state.lock();
                     st.resources = resources;
-                    self.set_status(Status::Committed);
+                    self.step_held(Step::Succeed);
                     st.savepoints.clear();
                     match st.extras.as_deref_mut() {
                         Some(extras) => {
@@ -579,8 +599,8 @@ impl Transaction {
                 {
                     let mut st = self.inner.state.lock();
                     st.resources = resources;
-                    self.set_status(Status::CommitFailed);
                     st.resources_ended = true;
+                    self.step_held(Step::Fail);
                 }
                 debug!(error = %err, "commit failed");
                 self.run_after_commit_hooks(false);
@@ -590,8 +610,8 @@ impl Transaction {
         }
     }
 
-    /// Before-commit hooks and synchronizers' `before_completion`, then
-    /// Committing: the resources to commit, or the commit's failure.
+    /// Before-commit hooks and synchronizers' `before_completion`, then the
+    /// protocol starts: the resources to commit, or the commit's failure.
     fn commit_preamble(&self) -> Result<Vec<Arc<dyn DataManager>>> {
         // Before-commit hooks, FIFO; hooks added meanwhile run too.
         loop {
@@ -618,19 +638,15 @@ impl Transaction {
         self.synchs_before_completion();
 
         let mut st = self.inner.state.lock();
-        if self.status() != Status::Active {
-            // A hook or synchronizer doomed (or otherwise ended) it.
-            let status = self.status();
+        if self.inner.stage.is_doomed() {
+            // A hook or synchronizer doomed it: back to work, doomed; only
+            // abort is left.
+            self.step_held(Step::HooksDoomed);
             drop(st);
-            let err = match status {
-                Status::Doomed => Error::Doomed,
-                Status::CommitFailed => Error::CommitFailed,
-                _ => Error::Closed,
-            };
             self.synchs_after_completion();
-            return Err(err);
+            return Err(Error::Doomed);
         }
-        self.set_status(Status::Committing);
+        self.step_held(Step::StartProtocol);
         Ok(std::mem::take(&mut st.resources))
     }
 
@@ -638,7 +654,7 @@ impl Transaction {
     fn fail_before_protocol(&self, err: Error) -> Error {
         let resources = {
             let mut st = self.inner.state.lock();
-            self.set_status(Status::CommitFailed);
+            self.step_held(Step::Fail);
             st.resources_ended = true;
             st.resources.clone()
         };
@@ -658,7 +674,23 @@ impl Transaction {
             _ => {}
         }
 
-        if let Err(err) = self.check_setup(resources) {
+        // Asked once, under the guard: a panicking `can_prepare` fails the
+        // commit as that resource's error, before anything began.
+        let mut prepares = Vec::with_capacity(resources.len());
+        if let Err((_, err)) = each(
+            resources,
+            0,
+            Phase::TpcBegin,
+            |_| true,
+            |dm| {
+                prepares.push(dm.can_prepare());
+                Ok(())
+            },
+        ) {
+            return Err(self.abort_before_decision(resources, 0, err));
+        }
+        let prepares = |i: usize| prepares[i];
+        if let Err(err) = self.check_setup(resources, &prepares) {
             return Err(self.abort_before_decision(resources, 0, err));
         }
         if let Err((i, err)) = each(
@@ -674,7 +706,6 @@ impl Transaction {
         if let Err((_, err)) = each(resources, 0, Phase::Commit, |_| true, |dm| dm.commit(self)) {
             return Err(self.abort_before_decision(resources, resources.len(), err));
         }
-        let prepares = |dm: &Arc<dyn DataManager>| dm.can_prepare();
         if let Err((_, err)) = each(resources, 0, Phase::TpcVote, prepares, |dm| {
             dm.tpc_vote(self)
         }) {
@@ -682,12 +713,16 @@ impl Transaction {
         }
 
         // The decision. With a one-phase (last) resource, it is that
-        // resource's own commit; a configured log records it just before, so
-        // that a log kept inside that resource commits with it.
+        // resource's own commit, and the log rides inside it (`check_setup`
+        // made sure): recorded just before, it commits with it.
         // `logged`: the log holding this transaction's decision, if any.
+        let any_prepares = (0..resources.len()).any(prepares);
         let logged = match &self.inner.shared.decision_log {
-            Some(log) if resources.iter().any(|dm| dm.can_prepare()) => {
-                if let Err(err) = log.record_commit(&self.decision(resources)) {
+            Some(log) if any_prepares => {
+                let recorded = self
+                    .decision(resources)
+                    .and_then(|d| guarded_log(Phase::TpcVote, || log.record_commit(&d)));
+                if let Err(err) = recorded {
                     return Err(self.abort_before_decision(resources, resources.len(), err));
                 }
                 Some(log)
@@ -700,11 +735,7 @@ impl Transaction {
         // on success).
         let mut failed: Vec<(usize, Ending)> = Vec::new();
         let mut last_committed = false;
-        for (i, dm) in resources
-            .iter()
-            .enumerate()
-            .filter(|(_, dm)| !dm.can_prepare())
-        {
+        for (i, dm) in resources.iter().enumerate().filter(|(i, _)| !prepares(*i)) {
             let result = call(dm, Phase::TpcVote, || dm.tpc_vote(self))
                 .and_then(|()| call(dm, Phase::TpcFinish, || dm.tpc_finish(self)));
             match result {
@@ -712,16 +743,18 @@ impl Transaction {
                 Err(err) if !last_committed => {
                     // The first last resource refused: nothing is decided yet.
                     if let Some(log) = logged {
-                        if let Err(forget) = log.forget(&self.inner.id) {
+                        if let Err(forget) =
+                            guarded_log(Phase::Abort, || log.forget(&self.inner.id))
+                        {
                             error!(error = %forget, "could not withdraw the commit decision after the last resource failed");
                         }
                     }
                     return Err(self.abort_before_decision(resources, resources.len(), err));
                 }
                 Err(err) => {
-                    error!(resource = dm.sort_key(), error = %err, "a second one-phase resource failed after the first committed");
+                    error!(resource = %name_of(dm), error = %err, "a second one-phase resource failed after the first committed");
                     if let Err(cleanup) = call(dm, Phase::TpcAbort, || dm.tpc_abort(self)) {
-                        error!(resource = dm.sort_key(), error = %cleanup, "tpc_abort failed");
+                        error!(resource = %name_of(dm), error = %cleanup, "tpc_abort failed");
                     }
                     failed.push((i, Ending::RolledBack));
                 }
@@ -732,10 +765,10 @@ impl Transaction {
             dm.tpc_finish(self)
         }) {
             if let Error::RecordMissing { .. } = err {
-                error!(resource = resources[i].sort_key(), error = %err, "tpc_finish after the commit decision found the prepared record gone");
+                error!(resource = %name_of(&resources[i]), error = %err, "tpc_finish after the commit decision found the prepared record gone");
                 failed.push((i, Ending::RolledBack));
             } else {
-                error!(resource = resources[i].sort_key(), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recovery commits it");
+                error!(resource = %name_of(&resources[i]), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recovery commits it");
                 failed.push((i, Ending::InDoubt));
             }
         }
@@ -744,24 +777,16 @@ impl Transaction {
             if let Some(log) = logged {
                 // Losing this record only makes recovery finish an already
                 // finished transaction again, which is idempotent.
-                if let Err(err) = log.forget(&self.inner.id) {
+                if let Err(err) = guarded_log(Phase::TpcFinish, || log.forget(&self.inner.id)) {
                     warn!(error = %err, "could not forget a completed decision");
                 }
             }
             Ok(())
         } else {
             // Reported in the order they were finished: last resources first.
-            let order = resources
-                .iter()
-                .enumerate()
-                .filter(|(_, dm)| !dm.can_prepare())
-                .chain(
-                    resources
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, dm)| dm.can_prepare()),
-                )
-                .map(|(i, _)| i);
+            let order = (0..resources.len())
+                .filter(|&i| !prepares(i))
+                .chain((0..resources.len()).filter(|&i| prepares(i)));
             let ending = |i: usize| {
                 failed
                     .iter()
@@ -772,7 +797,7 @@ impl Transaction {
                 order
                     .clone()
                     .filter(|&i| ending(i) == want)
-                    .map(|i| resources[i].sort_key().to_owned())
+                    .map(|i| name_of(&resources[i]))
                     .collect()
             };
             let (committed, rolled_back, in_doubt) = (
@@ -797,34 +822,54 @@ impl Transaction {
     /// Refuses, before anything is prepared, a set of resources that could
     /// not be recovered correctly after a crash (see
     /// [`TransactionManagerBuilder::allow_unrecoverable`](crate::TransactionManagerBuilder::allow_unrecoverable)).
-    fn check_setup(&self, resources: &[Arc<dyn DataManager>]) -> Result<()> {
+    /// Every call into a resource runs under the guard.
+    fn check_setup(
+        &self,
+        resources: &[Arc<dyn DataManager>],
+        prepares: &dyn Fn(usize) -> bool,
+    ) -> Result<()> {
         let shared = &self.inner.shared;
-        let names = |pick: &dyn Fn(&Arc<dyn DataManager>) -> bool| {
-            resources
-                .iter()
-                .filter(|dm| pick(dm))
-                .map(|dm| dm.sort_key())
+        let names = |pick: &dyn Fn(usize) -> bool| {
+            (0..resources.len())
+                .filter(|&i| pick(i))
+                .map(|i| name_of(&resources[i]))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut one_phase = resources.iter().filter(|dm| !dm.can_prepare());
+        let mut one_phase = (0..resources.len()).filter(|&i| !prepares(i));
         let last = one_phase.next();
         if one_phase.next().is_some() && !shared.allow_multiple_last_resources {
             return Err(Error::UnsafeSetup(format!(
                 "{} cannot prepare (one-phase resources), and only one may commit last: if a \
                  second refused after the first committed, the outcome would be mixed. Use one, or \
                  allow it with TransactionManagerBuilder::allow_multiple_last_resources(true)",
-                names(&|dm| !dm.can_prepare())
+                names(&|i| !prepares(i))
             )));
         }
         if shared.allow_unrecoverable {
             return Ok(());
         }
-        let Some(durable) = resources
-            .iter()
-            .find(|dm| dm.can_prepare() && dm.prepares_durably())
-        else {
+        let mut durable = None;
+        each(resources, 0, Phase::TpcBegin, prepares, |dm| {
+            if durable.is_none() && dm.prepares_durably() {
+                durable = Some(dm.clone());
+            }
+            Ok(())
+        })
+        .map_err(|(_, err)| err)?;
+        let Some(durable) = durable else {
             return Ok(());
+        };
+        let hosted = match last {
+            Some(i) => {
+                let mut hosted = None;
+                call(&resources[i], Phase::TpcBegin, || {
+                    hosted = resources[i].hosted_log();
+                    Ok(())
+                })?;
+                hosted
+            }
+            None => None,
         };
         match (shared.log_id, last) {
             (None, _) => Err(Error::UnsafeSetup(format!(
@@ -833,27 +878,39 @@ impl Transaction {
                  TransactionManagerBuilder::decision_log (a SqliteDecisionLog on the SQLite \
                  database that takes part, or a FileDecisionLog), or opt out with \
                  allow_unrecoverable(true)",
-                durable.sort_key(),
-                names(&|dm| !same_resource(dm, durable))
+                name_of(&durable),
+                names(&|i| !same_resource(&resources[i], &durable))
             ))),
-            (Some(id), Some(last)) if last.hosted_log() != Some(id) => {
+            (Some(id), Some(last)) if hosted != Some(id) => {
+                let last = name_of(&resources[last]);
                 Err(Error::UnsafeSetup(format!(
-                    "{} cannot prepare, so its own commit is the decision, but the decision log \
-                     {id} is kept outside it: a crash between the two would commit {} while {} \
-                     rolls back. Keep the log inside it (for SQLite: SqliteDecisionLog::new(&db) \
-                     on the same Database), or opt out with allow_unrecoverable(true)",
-                    last.sort_key(),
-                    durable.sort_key(),
-                    last.sort_key()
+                    "{last} cannot prepare, so its own commit is the decision, but the decision \
+                     log {id} is kept outside it: a crash between the two would commit {} while \
+                     {last} rolls back. Keep the log inside it (for SQLite: \
+                     SqliteDecisionLog::new(&db) on the same Database), or opt out with \
+                     allow_unrecoverable(true)",
+                    name_of(&durable),
                 )))
             }
             _ => Ok(()),
         }
     }
 
-    fn decision(&self, resources: &[Arc<dyn DataManager>]) -> Decision {
+    /// The decision record; `recovery_id` is asked under the guard.
+    fn decision(&self, resources: &[Arc<dyn DataManager>]) -> Result<Decision> {
+        let mut participants = Vec::with_capacity(resources.len());
+        each(
+            resources,
+            0,
+            Phase::TpcVote,
+            |_| true,
+            |dm| {
+                participants.extend(dm.recovery_id());
+                Ok(())
+            },
+        )
+        .map_err(|(_, err)| err)?;
         let st = self.inner.state.lock();
-        let participants = resources.iter().filter_map(|dm| dm.recovery_id()).collect();
         let mut metadata = BTreeMap::new();
         if let Some(extras) = &st.extras {
             metadata.clone_from(&extras.extension);
@@ -864,7 +921,7 @@ impl Transaction {
                 metadata.insert("description".to_owned(), extras.description.clone());
             }
         }
-        Decision::new(self.inner.id, participants, metadata)
+        Ok(Decision::new(self.inner.id, participants, metadata))
     }
 
     /// Ends every resource after a failure before the decision: `tpc_abort`
@@ -891,10 +948,8 @@ impl Transaction {
     /// already committed or aborted.
     pub fn abort(&self) -> Result<()> {
         let _entered = self.inner.span.enter();
-        match self.status() {
-            Status::Active | Status::Doomed | Status::CommitFailed => {}
-            Status::Committing | Status::Committed | Status::Aborted => return Err(Error::Closed),
-        }
+        // Wins against a racing commit, savepoint or abort, or is refused.
+        self.step(Step::Abort)?;
         // As ZODB: before-abort hooks first, then the synchronizers.
         self.run_abort_hooks(true);
         self.synchs_before_completion();
@@ -913,7 +968,7 @@ impl Transaction {
         self.run_abort_hooks(false);
         {
             let mut st = self.inner.state.lock();
-            self.set_status(Status::Aborted);
+            self.step_held(Step::Aborted);
             st.savepoints.clear();
             if let Some(extras) = st.extras.as_deref_mut() {
                 extras.before_commit.clear();
@@ -1010,18 +1065,17 @@ impl Transaction {
     }
 
     fn make_savepoint(&self, optimistic: bool) -> Result<Savepoint> {
-        let resources = {
-            let st = self.inner.state.lock();
-            match self.status() {
-                Status::Active | Status::Doomed => {}
-                Status::CommitFailed => return Err(Error::CommitFailed),
-                Status::Committing => return Err(Error::Closed),
-                // DESIGN: a savepoint of a finished transaction is
-                // InvalidSavepoint (taking one, like rolling one back).
-                Status::Committed | Status::Aborted => return Err(Error::InvalidSavepoint),
-            }
-            st.resources.clone()
-        };
+        // The savepoint stage keeps commit and abort out while resources
+        // are asked (a savepoint of a finished transaction is
+        // InvalidSavepoint, like rolling one back).
+        self.step(Step::EnterSavepoint)?;
+        let taken = self.take_savepoint(optimistic);
+        self.step_held(Step::LeaveSavepoint);
+        taken
+    }
+
+    fn take_savepoint(&self, optimistic: bool) -> Result<Savepoint> {
+        let resources = self.inner.state.lock().resources.clone();
         let mut entries: Vec<SavepointEntry> = Vec::with_capacity(resources.len());
         for dm in &resources {
             let mut taken = None;
@@ -1053,7 +1107,8 @@ impl Transaction {
 
     pub(crate) fn savepoint_is_valid(&self, id: u64) -> bool {
         let st = self.inner.state.lock();
-        matches!(self.status(), Status::Active | Status::Doomed) && st.savepoints.contains(&id)
+        matches!(self.inner.stage.stage(), Stage::Active | Stage::Savepoint)
+            && st.savepoints.contains(&id)
     }
 
     /// Rolls back to savepoint `id`; see [`Savepoint::rollback`].
@@ -1064,14 +1119,16 @@ impl Transaction {
         joined_before: usize,
     ) -> Result<()> {
         let _entered = self.inner.span.enter();
+        match self.step(Step::EnterSavepoint) {
+            Ok(_) => {}
+            Err(Error::Closed) => return Err(Error::InvalidSavepoint),
+            Err(err) => return Err(err),
+        }
         let joined_after = {
             let mut st = self.inner.state.lock();
-            match self.status() {
-                Status::Active | Status::Doomed => {}
-                Status::CommitFailed => return Err(Error::CommitFailed),
-                _ => return Err(Error::InvalidSavepoint),
-            }
             let Some(pos) = st.savepoints.iter().position(|&s| s == id) else {
+                drop(st);
+                self.step_held(Step::LeaveSavepoint);
                 return Err(Error::InvalidSavepoint);
             };
             st.savepoints.truncate(pos + 1);
@@ -1087,7 +1144,7 @@ impl Transaction {
             let result = match sp {
                 Some(sp) => call(dm, Phase::Rollback, || sp.rollback()),
                 None => Err(Error::SavepointNotSupported {
-                    resource: dm.sort_key().to_owned(),
+                    resource: name_of(dm),
                 }),
             };
             if let Err(err) = result {
@@ -1095,11 +1152,13 @@ impl Transaction {
             }
         }
         match first {
-            None => Ok(()),
+            None => {
+                self.step_held(Step::LeaveSavepoint);
+                Ok(())
+            }
             Some(err) => {
                 error!(error = %err, "savepoint rollback failed; the transaction can only be aborted");
-                let _st = self.inner.state.lock();
-                self.set_status(Status::CommitFailed);
+                self.step_held(Step::SavepointFailed);
                 Err(err)
             }
         }
@@ -1112,6 +1171,28 @@ enum Ending {
     Committed,
     RolledBack,
     InDoubt,
+}
+
+/// Sorts by `sort_key`, stable (ties keep join order). A panicking
+/// `sort_key` is a failure of that resource, named by its join position
+/// (it has no other name).
+fn sort(resources: &mut [Arc<dyn DataManager>]) -> Result<()> {
+    let asked = std::cell::Cell::new(0);
+    catch_unwind(AssertUnwindSafe(|| {
+        let mut sorted = true;
+        for (i, dm) in resources.iter().enumerate() {
+            asked.set(i);
+            sorted &= i == 0 || resources[i - 1].sort_key() <= dm.sort_key();
+        }
+        if !sorted {
+            resources.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));
+        }
+    }))
+    .map_err(|payload| Error::Panicked {
+        resource: format!("resource #{} (its sort_key panicked)", asked.get() + 1),
+        phase: Phase::Commit,
+        message: panic_message(&*payload),
+    })
 }
 
 fn same_resource(a: &Arc<dyn DataManager>, b: &Arc<dyn DataManager>) -> bool {

@@ -177,9 +177,12 @@ fn clones_share_the_current_transaction_and_settings() {
 }
 
 #[test]
-fn two_managers_on_one_thread_have_separate_transactions() {
+fn two_independent_managers_on_one_thread_have_separate_transactions() {
     let tm1 = TransactionManager::explicit();
-    let tm2 = TransactionManager::explicit();
+    let tm2 = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let t1 = tm1.begin().unwrap();
     assert!(!tm2.in_transaction());
     let t2 = tm2.begin().unwrap();
@@ -187,6 +190,51 @@ fn two_managers_on_one_thread_have_separate_transactions() {
     tm1.commit().unwrap();
     assert_eq!(tm2.get().unwrap(), t2);
     tm2.abort().unwrap();
+}
+
+#[test]
+fn a_transaction_of_another_manager_inside_one_is_refused_naming_both() {
+    let outer = TransactionManager::builder()
+        .explicit(true)
+        .name("app")
+        .build();
+    let t = outer.begin().unwrap();
+    let inner = TransactionManager::builder()
+        .explicit(true)
+        .name("audit")
+        .build();
+    let err = inner.begin().unwrap_err();
+    match &err {
+        Error::Nested {
+            manager,
+            outer_manager,
+            outer: txid,
+        } => {
+            assert!(manager.contains("\"audit\""), "{err}");
+            assert!(outer_manager.contains("\"app\""), "{err}");
+            assert_eq!(*txid, t.id());
+        }
+        other => panic!("expected Nested, got {other:?}"),
+    }
+    assert!(err.to_string().contains("independent(true)"), "{err}");
+    // The thread-local manager's shorthands are refused the same way: they
+    // would commit on their own, once per retry of the outer run.
+    let store = tm_core::MemoryStore::<i32>::new();
+    let r = tm_core::atomic(|txn| {
+        store.join(txn)?.put("k", 1);
+        Ok::<_, Error>(())
+    });
+    assert!(matches!(r, Err(Error::Nested { .. })), "{r:?}");
+    assert!(tm_core::get().is_err());
+    assert_eq!(store.committed("k"), None);
+    outer.abort().unwrap();
+    // Once the outer one ended, both work.
+    tm_core::atomic(|txn| {
+        store.join(txn)?.put("k", 1);
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_eq!(store.committed("k"), Some(1));
 }
 
 #[test]

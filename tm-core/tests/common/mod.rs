@@ -12,10 +12,13 @@ use tm_core::{
 };
 
 /// An explicit manager that retries without sleeping.
+/// Independent: tests interleave several managers' transactions on one
+/// thread to make conflicts (nesting is refused otherwise, and tested so).
 pub fn tm() -> TransactionManager {
     TransactionManager::builder()
         .explicit(true)
         .backoff(Backoff::None)
+        .independent(true)
         .build()
 }
 
@@ -25,6 +28,7 @@ pub fn tm_many_last() -> TransactionManager {
     TransactionManager::builder()
         .explicit(true)
         .backoff(Backoff::None)
+        .independent(true)
         .allow_multiple_last_resources(true)
         .build()
 }
