@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::Once;
 
 /// A transaction's globally unique id.
 ///
@@ -27,26 +27,71 @@ pub struct TxId {
 
 static COUNTER: AtomicU64 = AtomicU64::new(1);
 
+/// The process's random prefix; 0 until chosen. A forked child that does
+/// not exec resets it (see `forget_prefix_in_child`), so it never repeats
+/// its parent's ids.
+static PREFIX: AtomicU64 = AtomicU64::new(0);
+
 fn process_prefix() -> u64 {
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    *PREFIX.get_or_init(|| {
-        use std::hash::{BuildHasher, Hasher};
-        // RandomState is seeded from the OS's randomness; mixing in the time and
-        // pid guards against a platform where it is not.
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        h.write_u128(now);
-        h.write_u32(std::process::id());
-        h.finish()
-    })
+    match PREFIX.load(Ordering::Relaxed) {
+        0 => choose_prefix(),
+        prefix => prefix,
+    }
 }
+
+#[cold]
+fn choose_prefix() -> u64 {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(register_fork_handler);
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's randomness; mixing in the time and
+    // pid guards against a platform where it is not. Never 0 (unset).
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(now);
+    h.write_u32(std::process::id());
+    let fresh = h.finish().max(1);
+    match PREFIX.compare_exchange(0, fresh, Ordering::Relaxed, Ordering::Relaxed) {
+        Ok(_) => fresh,
+        Err(chosen) => chosen,
+    }
+}
+
+/// Runs in the child of a `fork()`, before `fork` returns there: the next
+/// id chooses a new prefix. Only an atomic store: async-signal-safe.
+#[cfg(unix)]
+extern "C" fn forget_prefix_in_child() {
+    PREFIX.store(0, Ordering::Relaxed);
+}
+
+#[cfg(unix)]
+fn register_fork_handler() {
+    extern "C" {
+        fn pthread_atfork(
+            prepare: Option<extern "C" fn()>,
+            parent: Option<extern "C" fn()>,
+            child: Option<extern "C" fn()>,
+        ) -> std::os::raw::c_int;
+    }
+    // SAFETY: pthread_atfork (POSIX) only stores the three function
+    // pointers; the child handler is a plain atomic store and never
+    // unwinds. std links the C library that provides it on every unix.
+    let rc = unsafe { pthread_atfork(None, None, Some(forget_prefix_in_child)) };
+    if rc != 0 {
+        tracing::warn!(rc, "pthread_atfork failed: a forked child that does not exec could repeat transaction ids");
+    }
+}
+
+#[cfg(not(unix))]
+fn register_fork_handler() {}
 
 impl TxId {
     /// A fresh id, never returned before by any process (with overwhelming
-    /// probability: the prefix has 64 random bits).
+    /// probability: the prefix has 64 random bits), also in a child made by
+    /// `fork()` without `exec` (it chooses a prefix of its own).
     pub fn new() -> Self {
         TxId {
             prefix: process_prefix(),
