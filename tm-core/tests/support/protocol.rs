@@ -39,6 +39,22 @@ pub struct Rules {
     pub forget_reads_log_first: bool,
     /// `tm_abort` of an applied record (a receipt) changes nothing.
     pub abort_keeps_receipt: bool,
+    /// What the coordinator does when S's COMMIT returns an error.
+    pub commit_error: CommitError,
+}
+
+/// After an error from S's COMMIT (an I/O error while syncing, say), the
+/// transaction may or may not have committed: SQLite may find the commit in
+/// its WAL on the next open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommitError {
+    /// As `run_protocol` does for a failing first one-phase resource today:
+    /// withdraw the decision (`forget`) and abort everyone.
+    AbortAll,
+    /// Ask the fence: `record_abort` on the log. `Committed`: S did commit,
+    /// finish the Redis participants. Otherwise the abort row now forbids
+    /// that commit: abort everyone.
+    Fence,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +77,7 @@ impl Rules {
         forget_waits_for_young: true,
         forget_reads_log_first: true,
         abort_keeps_receipt: true,
+        commit_error: CommitError::Fence,
     };
     pub const OLD: Rules = Rules {
         ownership_filter: false,
@@ -70,6 +87,7 @@ impl Rules {
         forget_waits_for_young: false,
         forget_reads_log_first: true,
         abort_keeps_receipt: true,
+        commit_error: CommitError::AbortAll,
     };
 }
 
@@ -84,6 +102,9 @@ pub struct Config {
     pub workers: Vec<LogId>,
     /// How many fault actions a path may take.
     pub faults: u8,
+    /// Whether receipts and tombstones can expire (their TTL is meant to
+    /// outlast any message delay and stall; this drops that assumption).
+    pub expiry: bool,
 }
 
 impl Config {
@@ -96,6 +117,7 @@ impl Config {
             tx_redis: [&[0, 1], &[0]],
             workers: vec![0; workers],
             faults,
+            expiry: false,
         }
     }
 
@@ -110,28 +132,32 @@ impl Config {
             tx_redis: [&[0, 1], &[0]],
             workers: logs,
             faults,
+            expiry: false,
         }
     }
 
     /// The configurations `new_rules_hold_every_property` explores: bounded
     /// for CI (debug builds), larger with `TM_MODEL_FULL=1`.
     pub fn for_new_rules() -> Vec<(&'static str, Config)> {
-        if full() {
-            vec![
-                (
-                    "new rules, shared log (full)",
-                    Config::shared(Rules::NEW, 3, 3),
-                ),
-                (
-                    "new rules, foreign log (full)",
-                    Config::foreign(Rules::NEW, 2, 3),
-                ),
-            ]
-        } else {
-            vec![
-                ("new rules, shared log", Config::shared(Rules::NEW, 2, 2)),
-                ("new rules, foreign log", Config::foreign(Rules::NEW, 1, 2)),
-            ]
+        let (workers, faults) = if full() { (3, 3) } else { (2, 2) };
+        vec![
+            ("shared log", Config::shared(Rules::NEW, workers, faults)),
+            (
+                "foreign log",
+                Config::foreign(Rules::NEW, workers - 1, faults),
+            ),
+            (
+                "shared log, TTLs expire",
+                Config::shared(Rules::NEW, workers - 1, faults).with_expiry(),
+            ),
+        ]
+    }
+
+    /// Receipts and tombstones may expire at any moment.
+    fn with_expiry(self) -> Config {
+        Config {
+            expiry: true,
+            ..self
         }
     }
 }
@@ -168,8 +194,10 @@ pub enum Wire {
 pub struct Slot {
     pub rec: Rec,
     pub wire: Wire,
-    /// Ghost: a prepare ran (its writes were staged).
-    pub prepared_once: bool,
+    /// Ghost: `tm_apply` applied the staged writes.
+    pub applied: bool,
+    /// Ghost: `tm_abort` dropped the staged writes.
+    pub discarded: bool,
     /// Ghost: the record was lost by Redis while prepared.
     pub lost: bool,
     /// Ghost: how many state-changing endings the record got.
@@ -197,6 +225,9 @@ pub enum Coord {
     Waiting(u8),
     /// Every vote is in: next is S's COMMIT carrying the commit row.
     Deciding,
+    /// S's COMMIT returned an error: the outcome is unknown; `record_abort`
+    /// next (only with `CommitError::Fence`).
+    Resolving,
     /// `tm_apply` to the i-th Redis participant next; `bool`: some finish
     /// failed already (the caller will be told Heuristic).
     Finishing(u8, bool),
@@ -267,16 +298,27 @@ pub enum Action {
     /// `tpc_finish` COMMIT it; atomic, since the row commits with S. A
     /// unique-key conflict with an abort row is `Error::Fenced`: S rolls back.
     Decide(Tx),
+    /// Fault. `run_protocol`: S's COMMIT returns an error, yet it did
+    /// (`true`) or did not (`false`) commit, the commit row with it.
+    DecideFails(Tx, bool),
+    /// `run_protocol` after an S COMMIT error (the fix):
+    /// `SqliteDecisionLog::record_abort` on its own log, from a fresh
+    /// connection: `Committed` → finish; else (abort row in) → abort everyone.
+    ResolveByFence(Tx),
     /// `run_protocol`: `tpc_finish` on the next Redis participant (`tm_apply`).
     Finish(Tx),
-    /// Fault. `run_protocol`: that `tpc_finish` fails (not delivered): the
-    /// record stays prepared, the caller will be told Heuristic.
-    FinishFails(Tx),
+    /// Fault. `run_protocol`: that `tpc_finish` fails, before `tm_apply`
+    /// ran (`false`: the record stays prepared) or after (`true`: its answer
+    /// is lost). The caller will be told Heuristic.
+    FinishFails(Tx, bool),
     /// `run_protocol` after telling the caller Ok: `DecisionLog::forget`.
     Forget(Tx),
     /// `run_protocol` / `abort_before_decision`: `tpc_abort` on the next Redis
     /// participant (`tm_abort`, which leaves a tombstone even without record).
     AbortBefore(Tx),
+    /// Fault. `abort_before_decision`: that `tpc_abort` fails before
+    /// `tm_abort` ran (the error is logged; the record stays for recovery).
+    AbortFails(Tx),
     /// Fault: the coordinator's process dies; its open S transaction rolls
     /// back, its Redis records stay.
     Crash(Tx),
@@ -284,6 +326,8 @@ pub enum Action {
     Age(Redis, Tx),
     /// Fault: Redis loses a prepared record (eviction, failover).
     Lose(Redis, Tx),
+    /// (Only with `Config::expiry`.) A receipt or a tombstone reaches its TTL.
+    Expire(Redis, Tx),
     /// `recover`: `in_doubt()` lists a prepared record; the pending commit
     /// rows are read. Foreign (other LogId) and young records are skipped.
     RecList(Worker, Redis, Tx),
@@ -324,6 +368,7 @@ impl Config {
         match s.rec {
             Rec::Prepared { .. } => {
                 s.rec = Rec::Applied;
+                s.applied = true;
                 s.endings += 1;
                 Applied::Ok
             }
@@ -340,6 +385,7 @@ impl Config {
         match s.rec {
             Rec::Prepared { .. } => {
                 s.rec = Rec::Aborted;
+                s.discarded = true;
                 s.endings += 1;
             }
             Rec::None => s.rec = Rec::Aborted,
@@ -385,7 +431,8 @@ impl Model for Config {
         let slot = Slot {
             rec: Rec::None,
             wire: Wire::Idle,
-            prepared_once: false,
+            applied: false,
+            discarded: false,
             lost: false,
             endings: 0,
             applied_by_recovery: false,
@@ -417,15 +464,31 @@ impl Model for Config {
                         out.push(Action::VoteTimeout(t));
                     }
                 }
-                Coord::Deciding => out.push(Action::Decide(t)),
+                Coord::Deciding => {
+                    out.push(Action::Decide(t));
+                    if fault {
+                        let log = self.tx_log[t] as usize;
+                        if self.rules.fence != Fence::Full || !st.abort_row[log][t] {
+                            out.push(Action::DecideFails(t, true));
+                        }
+                        out.push(Action::DecideFails(t, false));
+                    }
+                }
+                Coord::Resolving => out.push(Action::ResolveByFence(t)),
                 Coord::Finishing(..) => {
                     out.push(Action::Finish(t));
                     if fault {
-                        out.push(Action::FinishFails(t));
+                        out.push(Action::FinishFails(t, false));
+                        out.push(Action::FinishFails(t, true));
                     }
                 }
                 Coord::Forgetting => out.push(Action::Forget(t)),
-                Coord::AbortingBefore(_) => out.push(Action::AbortBefore(t)),
+                Coord::AbortingBefore(_) => {
+                    out.push(Action::AbortBefore(t));
+                    if fault {
+                        out.push(Action::AbortFails(t));
+                    }
+                }
                 Coord::Over => {}
             }
             if fault && !matches!(st.coord[t], Coord::NotStarted | Coord::Over) {
@@ -435,6 +498,9 @@ impl Model for Config {
                 let s = &st.slot[r][t];
                 if s.wire == Wire::InFlight {
                     out.push(Action::PrepareArrives(r, t));
+                }
+                if self.expiry && matches!(s.rec, Rec::Applied | Rec::Aborted) {
+                    out.push(Action::Expire(r, t));
                 }
                 if let Rec::Prepared { old, .. } = s.rec {
                     if self.rules.grace && !old {
@@ -502,7 +568,6 @@ impl Model for Config {
                         owner: self.tx_log[t],
                         old: false,
                     };
-                    s.prepared_once = true;
                     s.wire = Wire::Replied(true);
                 }
             }
@@ -540,16 +605,47 @@ impl Model for Config {
                     st.coord[t] = Coord::Finishing(0, false);
                 }
             }
-            Action::Finish(t) | Action::FinishFails(t) => {
+            Action::DecideFails(t, committed) => {
+                st.faults_left -= 1;
+                let log = self.tx_log[t] as usize;
+                if committed {
+                    st.sql[t] = Sql::Committed;
+                    st.commit_row[log][t] = true;
+                } else {
+                    st.sql[t] = Sql::RolledBack;
+                }
+                st.coord[t] = match self.rules.commit_error {
+                    CommitError::AbortAll => {
+                        // "The first last resource refused: nothing is
+                        // decided yet": withdraw the decision, abort.
+                        st.commit_row[log][t] = false;
+                        Coord::AbortingBefore(0)
+                    }
+                    CommitError::Fence => Coord::Resolving,
+                };
+            }
+            Action::ResolveByFence(t) => {
+                let log = self.tx_log[t] as usize;
+                st.coord[t] = if st.commit_row[log][t] {
+                    Coord::Finishing(0, false)
+                } else {
+                    st.abort_row[log][t] = true;
+                    Coord::AbortingBefore(0)
+                };
+            }
+            Action::Finish(t) | Action::FinishFails(t, _) => {
                 let Coord::Finishing(i, mut heuristic) = st.coord[t] else {
                     unreachable!()
                 };
-                if let Action::Finish(_) = action {
-                    let r = self.redis_of(t, i);
-                    heuristic |= self.tm_apply(&mut st.slot[r][t]) == Applied::Heuristic;
-                } else {
+                let r = self.redis_of(t, i);
+                if let Action::FinishFails(_, delivered) = action {
                     st.faults_left -= 1;
+                    if delivered {
+                        let _ = self.tm_apply(&mut st.slot[r][t]);
+                    }
                     heuristic = true;
+                } else {
+                    heuristic |= self.tm_apply(&mut st.slot[r][t]) == Applied::Heuristic;
                 }
                 st.coord[t] = if i + 1 < self.n_redis(t) {
                     Coord::Finishing(i + 1, heuristic)
@@ -565,12 +661,16 @@ impl Model for Config {
                 st.commit_row[self.tx_log[t] as usize][t] = false;
                 st.coord[t] = Coord::Over;
             }
-            Action::AbortBefore(t) => {
+            Action::AbortBefore(t) | Action::AbortFails(t) => {
                 let Coord::AbortingBefore(i) = st.coord[t] else {
                     unreachable!()
                 };
                 let r = self.redis_of(t, i);
-                self.tm_abort(&mut st.slot[r][t]);
+                if let Action::AbortFails(_) = action {
+                    st.faults_left -= 1;
+                } else {
+                    self.tm_abort(&mut st.slot[r][t]);
+                }
                 st.coord[t] = if i + 1 < self.n_redis(t) {
                     Coord::AbortingBefore(i + 1)
                 } else {
@@ -590,6 +690,7 @@ impl Model for Config {
                     st.slot[r][t].rec = Rec::Prepared { owner, old: true };
                 }
             }
+            Action::Expire(r, t) => st.slot[r][t].rec = Rec::None,
             Action::Lose(r, t) => {
                 st.faults_left -= 1;
                 st.slot[r][t].rec = Rec::None;
@@ -660,11 +761,10 @@ impl Model for Config {
             Property::always("atomicity", |m: &Config, st: &State| {
                 (0..TXS).all(|t| {
                     let slots = || m.tx_redis[t].iter().map(|&r| &st.slot[r][t]);
-                    let committed =
-                        st.sql[t] == Sql::Committed || slots().any(|s| s.rec == Rec::Applied);
-                    // A tombstone that replaced a prepare dropped its writes.
-                    let aborted = st.sql[t] == Sql::RolledBack
-                        || slots().any(|s| s.rec == Rec::Aborted && s.prepared_once && !s.lost);
+                    let committed = st.sql[t] == Sql::Committed || slots().any(|s| s.applied);
+                    // A record Redis lost is not an ending the protocol chose:
+                    // the caller must hear of it ("no lost commit").
+                    let aborted = st.sql[t] == Sql::RolledBack || slots().any(|s| s.discarded);
                     !(committed && aborted)
                 })
             }),
@@ -674,10 +774,20 @@ impl Model for Config {
                     st.told[t] != Told::Ok
                         || st.sql[t] == Sql::Committed
                             && m.tx_redis[t].iter().all(|&r| match st.slot[r][t].rec {
-                                Rec::Applied => true,
                                 Rec::Prepared { .. } => st.commit_row[log][t],
-                                _ => false,
+                                _ => st.slot[r][t].applied,
                             })
+                })
+            }),
+            // What recovery relies on: while a committed transaction is still
+            // prepared somewhere, its commit row is there to say so.
+            Property::always("decision kept while in doubt", |m: &Config, st: &State| {
+                (0..TXS).all(|t| {
+                    let log = m.tx_log[t] as usize;
+                    let in_doubt = m.tx_redis[t]
+                        .iter()
+                        .any(|&r| matches!(st.slot[r][t].rec, Rec::Prepared { .. }));
+                    st.sql[t] != Sql::Committed || !in_doubt || st.commit_row[log][t]
                 })
             }),
             Property::always("the fence", |_, st: &State| {
@@ -729,9 +839,10 @@ impl Model for Config {
     }
 }
 
-pub const PROPERTIES: [&str; 5] = [
+pub const PROPERTIES: [&str; 6] = [
     "atomicity",
     "no lost commit",
+    "decision kept while in doubt",
     "the fence",
     "one ending",
     "every prepared record is resolved",
