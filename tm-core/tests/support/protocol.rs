@@ -280,44 +280,51 @@ pub struct State {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
-    /// `run_protocol`: `tpc_begin` on S (BEGIN) and the work inside it.
+    /// `Transaction::run_protocol`: `tpc_begin` on S (BEGIN) and the work
+    /// inside it.
     Begin(Tx),
-    /// `run_protocol`: `tpc_vote` on a Redis participant sends `tm_prepare`.
+    /// `Transaction::run_protocol`: `tpc_vote` on a Redis participant sends
+    /// `tm_prepare`.
     SendPrepare(Tx),
     /// `tm_prepare` (tm.lua) runs at Redis when the message arrives, maybe
-    /// late: it refuses with TXABORTED if a tombstone exists, else records
-    /// the owner LogId (and server time) with the staged writes and locks.
+    /// late: it refuses with TXABORTED if a tombstone exists, else records the
+    /// owner LogId (and server time) with the staged writes and locks.
     PrepareArrives(Redis, Tx),
-    /// `run_protocol`: the vote's answer comes back.
+    /// `Transaction::run_protocol`: the vote's answer comes back.
     ReceiveVote(Tx),
-    /// Fault. `run_protocol`: the vote times out (the prepare may still be
-    /// on the wire): failure before the decision.
+    /// Fault. `Transaction::run_protocol`: the vote times out (the prepare may
+    /// still be on the wire): failure before the decision.
     VoteTimeout(Tx),
-    /// `run_protocol`: the decision. `SqliteDecisionLog::record_commit`
-    /// INSERTs the commit row in S's transaction, then S's `tpc_vote` +
-    /// `tpc_finish` COMMIT it; atomic, since the row commits with S. A
-    /// unique-key conflict with an abort row is `Error::Fenced`: S rolls back.
+    /// `Transaction::run_protocol`: the decision.
+    /// `SqliteDecisionLog::record_commit` INSERTs the commit row in S's
+    /// transaction, then S's `tpc_vote` + `tpc_finish` COMMIT it; atomic, since
+    /// the row commits with S. A unique-key conflict with an abort row is
+    /// `Error::Fenced`: S rolls back.
     Decide(Tx),
-    /// Fault. `run_protocol`: S's COMMIT returns an error, yet it did
-    /// (`true`) or did not (`false`) commit, the commit row with it.
+    /// Fault. `Transaction::run_protocol`: S's COMMIT returns an error, yet it
+    /// did (`true`) or did not (`false`) commit, the commit row with it.
     DecideFails(Tx, bool),
-    /// `run_protocol` after an S COMMIT error (the fix):
+    /// `Transaction::run_protocol` after an S COMMIT error (the fix):
     /// `SqliteDecisionLog::record_abort` on its own log, from a fresh
     /// connection: `Committed` → finish; else (abort row in) → abort everyone.
     ResolveByFence(Tx),
-    /// `run_protocol`: `tpc_finish` on the next Redis participant (`tm_apply`).
+    /// `Transaction::run_protocol`: `tpc_finish` on the next Redis participant
+    /// (`tm_apply`).
     Finish(Tx),
-    /// Fault. `run_protocol`: that `tpc_finish` fails, before `tm_apply`
-    /// ran (`false`: the record stays prepared) or after (`true`: its answer
-    /// is lost). The caller will be told Heuristic.
+    /// Fault. `Transaction::run_protocol`: that `tpc_finish` fails, before
+    /// `tm_apply` ran (`false`: the record stays prepared) or after (`true`:
+    /// its answer is lost). The caller will be told Heuristic.
     FinishFails(Tx, bool),
-    /// `run_protocol` after telling the caller Ok: `DecisionLog::forget`.
+    /// `Transaction::run_protocol` after telling the caller Ok:
+    /// `DecisionLog::forget`.
     Forget(Tx),
-    /// `run_protocol` / `abort_before_decision`: `tpc_abort` on the next Redis
-    /// participant (`tm_abort`, which leaves a tombstone even without record).
+    /// `Transaction::run_protocol` / `Transaction::abort_before_decision`:
+    /// `tpc_abort` on the next Redis participant (`tm_abort`, which leaves a
+    /// tombstone even without record).
     AbortBefore(Tx),
-    /// Fault. `abort_before_decision`: that `tpc_abort` fails before
-    /// `tm_abort` ran (the error is logged; the record stays for recovery).
+    /// Fault. `Transaction::abort_before_decision`: that `tpc_abort` fails
+    /// before `tm_abort` ran (the error is logged; the record stays for
+    /// recovery).
     AbortFails(Tx),
     /// Fault: the coordinator's process dies; its open S transaction rolls
     /// back, its Redis records stay.
@@ -328,28 +335,31 @@ pub enum Action {
     Lose(Redis, Tx),
     /// (Only with `Config::expiry`.) A receipt or a tombstone reaches its TTL.
     Expire(Redis, Tx),
-    /// `recover`: `in_doubt()` lists a prepared record; the pending commit
-    /// rows are read. Foreign (other LogId) and young records are skipped.
+    /// `recovery::recover`: `in_doubt()` lists a prepared record; the pending
+    /// commit rows are read. Foreign (other LogId) and young records are
+    /// skipped.
     RecList(Worker, Redis, Tx),
-    /// `recover` → `SqliteDecisionLog::record_abort`: INSERT the abort row in
-    /// its own SQLite transaction; `Committed` if a commit row exists.
+    /// `recovery::recover` → `SqliteDecisionLog::record_abort`: INSERT the
+    /// abort row in its own SQLite transaction; `Committed` if a commit row
+    /// exists.
     RecFence(Worker),
-    /// `recover` → `commit_prepared` → `tm_apply`.
+    /// `recovery::recover` → `commit_prepared` → `tm_apply`.
     RecApply(Worker),
-    /// `recover` → `abort_prepared` → `tm_abort`.
+    /// `recovery::recover` → `abort_prepared` → `tm_abort`.
     RecAbort(Worker),
     /// Fault: the recovery process crashes (or its call fails) here.
     RecCrash(Worker),
-    /// `recover` → `DecisionLog::forget` of a commit row that no participant
-    /// holds a prepared record for any more. (The commit row is read first,
-    /// then the participants listed; nothing can be prepared anew once the
-    /// row exists, so the two reads and the delete form one step.)
+    /// `recovery::recover` → `DecisionLog::forget` of a commit row that no
+    /// participant holds a prepared record for any more. (The commit row is
+    /// read first, then the participants listed; nothing can be prepared anew
+    /// once the row exists, so the two reads and the delete form one step.)
     RecForget(Worker, Tx),
-    /// (Only without `forget_reads_log_first`.) `recover` lists the
+    /// (Only without `forget_reads_log_first`.) `recovery::recover` lists the
     /// participants first: none holds the transaction prepared.
     RecForgetList(Worker, Tx),
-    /// (Only without `forget_reads_log_first`.) `recover` then reads the
-    /// pending commit rows and forgets the one it found nothing prepared for.
+    /// (Only without `forget_reads_log_first`.) `recovery::recover` then reads
+    /// the pending commit rows and forgets the one it found nothing prepared
+    /// for.
     RecForgetDelete(Worker),
 }
 
