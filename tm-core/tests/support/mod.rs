@@ -1,0 +1,3 @@
+//! Helpers shared by test crates that `mod support;` them.
+
+pub mod protocol;
