@@ -528,4 +528,25 @@ mod tests {
         log.forget(&d.txid).unwrap();
         assert!(log.pending().unwrap().is_empty());
     }
+
+    #[test]
+    fn hosted_log_is_the_log_of_the_same_pool_only() {
+        use tm_core::DataManager;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("log.db")).unwrap();
+        let other_pool = Database::open(db.path()).unwrap();
+        let tm = tm_core::TransactionManager::explicit();
+        let hosted = |db: &Database| {
+            let txn = tm.begin().unwrap();
+            drop(db.join(&txn).unwrap());
+            let id = db.open_txn(&txn.id()).unwrap().hosted_log();
+            txn.abort().unwrap();
+            id
+        };
+        assert_eq!(hosted(&db), None);
+        let log = SqliteDecisionLog::new(&db).unwrap();
+        assert_eq!(hosted(&db), Some(log.id()));
+        assert_eq!(hosted(&db.clone()), Some(log.id()));
+        assert_eq!(hosted(&other_pool), None);
+    }
 }
