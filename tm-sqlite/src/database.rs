@@ -17,15 +17,15 @@ use std::fmt;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 
 use parking_lot::lock_api::ArcReentrantMutexGuard;
 use parking_lot::{Mutex, RawMutex, RawThreadId, ReentrantMutex};
 use rusqlite::{ffi, Connection};
-use tm_core::{DataManager, Phase, ResourceSavepoint, Transaction, TxId, TxIdMap};
+use tm_core::{DataManager, LogId, Phase, ResourceSavepoint, Transaction, TxId, TxIdMap};
 use tracing::{error, warn};
 
-use crate::error::{Error, Result};
+use crate::error::{Ending, Error, Result};
 use crate::options::Options;
 
 /// A connection owned by the pool, with the count of transaction ends
@@ -43,6 +43,99 @@ pub(crate) struct DbInner {
     pool: Mutex<Vec<Pooled>>,
     /// The joined transactions that have not ended yet.
     open: Mutex<TxIdMap<Arc<SqliteTxn>>>,
+    /// The id of the `SqliteDecisionLog` created on this pool, if any: its
+    /// rows commit inside this pool's transactions.
+    hosted_log: OnceLock<LogId>,
+    /// What to fsync after a last resource's `COMMIT` (see [`after_commit_syncs`]).
+    after_commit: Vec<SyncTarget>,
+    /// How many times `sync_after_commit` made a `COMMIT` durable.
+    durable_syncs: AtomicU64,
+}
+
+/// A file to fsync after a `COMMIT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SyncTarget {
+    /// Its data (and the size): the database, its WAL or its journal.
+    File(PathBuf),
+    /// A directory: the unlink of a `DELETE`-mode journal is the commit.
+    Dir(PathBuf),
+}
+
+impl SyncTarget {
+    fn path(&self) -> &Path {
+        match self {
+            SyncTarget::File(p) | SyncTarget::Dir(p) => p,
+        }
+    }
+
+    fn sync(&self) -> std::io::Result<()> {
+        // fsync works on the inode: any descriptor of the file flushes what
+        // SQLite's own descriptor wrote.
+        match std::fs::File::open(self.path()) {
+            Ok(f) => match self {
+                SyncTarget::File(_) => f.sync_data(),
+                SyncTarget::Dir(_) => f.sync_all(),
+            },
+            // No such file holds nothing that a power loss could lose or
+            // resurrect (a journal already deleted, a WAL checkpointed away).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What must be fsynced after `COMMIT` returns for that commit to survive a
+/// power loss, given the journal mode and `synchronous` level SQLite runs
+/// with (SQLite 3.50, `pager_end_transaction`, `zeroJournalHdr`,
+/// `sqlite3PagerSetFlags`; sqlite.org/pragma.html#pragma_synchronous):
+///
+/// * WAL: the WAL is synced at each commit only with FULL or EXTRA; with
+///   NORMAL "a transaction committed in WAL mode ... might roll back
+///   following a power loss". Below FULL: sync the `-wal` file (its commit
+///   frame is checksummed, so syncing after the fact is enough).
+/// * DELETE: the commit is the unlink of the journal; only EXTRA syncs the
+///   directory after it, otherwise the journal can reappear after a power
+///   loss and roll the transaction back as a hot journal. Below EXTRA: sync
+///   the directory.
+/// * TRUNCATE: the truncated journal is synced only with FULL or EXTRA (the
+///   comment there cites exactly this resurrection). Below FULL: sync the
+///   `-journal` file.
+/// * PERSIST: the zeroed journal header is synced unless OFF.
+/// * With OFF, SQLite syncs nothing, not even the database file: sync it
+///   first (OFF gives up crash safety anyway; this only adds durability).
+///
+/// An in-memory or temporary database has nothing to sync.
+fn after_commit_syncs(path: &Path, journal_mode: &str, synchronous: i64) -> Vec<SyncTarget> {
+    const OFF: i64 = 0;
+    const FULL: i64 = 2;
+    const EXTRA: i64 = 3;
+    if !path.is_file() {
+        return Vec::new();
+    }
+    let sibling = |suffix: &str| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        SyncTarget::File(PathBuf::from(name))
+    };
+    let mut out = Vec::new();
+    let mode = journal_mode.to_ascii_lowercase();
+    if synchronous == OFF && mode != "wal" {
+        out.push(SyncTarget::File(path.to_path_buf()));
+    }
+    match mode.as_str() {
+        "wal" if synchronous < FULL => out.push(sibling("-wal")),
+        "delete" if synchronous < EXTRA => {
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            out.push(SyncTarget::Dir(dir));
+        }
+        "truncate" if synchronous < FULL => out.push(sibling("-journal")),
+        "persist" if synchronous == OFF => out.push(sibling("-journal")),
+        _ => {}
+    }
+    out
 }
 
 impl DbInner {
@@ -82,6 +175,25 @@ impl DbInner {
             on_rollback.fetch_add(1, Ordering::Relaxed);
         }));
         Ok(Pooled { conn, ends })
+    }
+
+    /// Makes the `COMMIT` that just returned durable (see
+    /// [`after_commit_syncs`]): the one place the last resource's extra sync
+    /// happens, counted for [`Database::durable_syncs`].
+    fn sync_after_commit(&self, phase: Phase) -> Result<()> {
+        if self.after_commit.is_empty() {
+            return Ok(());
+        }
+        for target in &self.after_commit {
+            target.sync().map_err(|source| Error::NotDurable {
+                path: self.path.clone(),
+                phase,
+                file: target.path().to_path_buf(),
+                source,
+            })?;
+        }
+        self.durable_syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn checkout(&self) -> Result<Pooled> {
@@ -174,14 +286,30 @@ impl Database {
     /// ```
     pub fn open_with(path: impl AsRef<Path>, options: Options) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let inner = DbInner {
+        let mut inner = DbInner {
             name: format!("sqlite:{}", path.display()),
             path,
             options,
             pool: Mutex::new(Vec::new()),
             open: Mutex::new(TxIdMap::default()),
+            hosted_log: OnceLock::new(),
+            after_commit: Vec::new(),
+            durable_syncs: AtomicU64::new(0),
         };
         let first = inner.connect()?;
+        // What SQLite actually runs with (an `on_connect` may have changed
+        // it; an in-memory database refuses WAL).
+        let modes = first
+            .conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0));
+        let modes = modes.and_then(|mode| {
+            let level = first
+                .conn
+                .query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))?;
+            Ok((mode, level))
+        });
+        let (mode, level) = modes.map_err(|e| inner.err(Phase::Open, e))?;
+        inner.after_commit = after_commit_syncs(&inner.path, &mode, level);
         inner.checkin(first);
         Ok(Database {
             inner: Arc::new(inner),
@@ -297,13 +425,42 @@ impl Database {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
     ) -> Result<T> {
+        self.with_connection_at(Phase::Work, f)
+    }
+
+    /// [`with_connection`](Self::with_connection), with errors naming `phase`.
+    pub(crate) fn with_connection_at<T>(
+        &self,
+        phase: Phase,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T> {
         let pooled = self.inner.checkout()?;
         let result = f(&pooled.conn);
         if !pooled.conn.is_autocommit() {
             warn!(db = %self.inner.name, "with_connection left a transaction open; rolling it back");
         }
         self.inner.checkin(pooled);
-        result.map_err(|e| self.inner.err(Phase::Work, e))
+        result.map_err(|e| self.inner.err(phase, e))
+    }
+
+    /// How many times a last resource's `COMMIT` on this pool was made
+    /// durable by an extra fsync (WAL with `synchronous` below FULL, and the
+    /// like: see [`Options::synchronous`]). For tests and benchmarks.
+    #[doc(hidden)]
+    pub fn durable_syncs(&self) -> u64 {
+        self.inner.durable_syncs.load(Ordering::Relaxed)
+    }
+
+    /// Records that the decision log `id` lives in this pool (called by
+    /// `SqliteDecisionLog::new`).
+    pub(crate) fn host_log(&self, id: LogId) {
+        let hosted = *self.inner.hosted_log.get_or_init(|| id);
+        if hosted != id {
+            // The same file always holds the same id; a different one means
+            // the table was replaced under us. Keep the first: it is the
+            // one earlier transactions were checked against.
+            warn!(db = %self.inner.name, %hosted, other = %id, "a second decision log id on one pool");
+        }
     }
 
     /// How many idle connections the pool holds now (all of them are clean).
@@ -459,7 +616,9 @@ enum Slot {
     /// Joined; `BEGIN` has not run (or failed).
     NotBegun,
     Active(SharedConn),
-    Ended,
+    /// Committed at the vote (the last resource); `tpc_finish` ends it.
+    Voted,
+    Ended(Ending),
 }
 
 /// The SQL savepoints on a transaction's connection.
@@ -492,7 +651,7 @@ impl SqliteTxn {
         let mut slot = self.slot.lock();
         match &*slot {
             Slot::Active(shared) => return Ok(shared.clone()),
-            Slot::Ended => {
+            Slot::Voted | Slot::Ended(_) => {
                 return Err(Error::TransactionEnded {
                     path: self.db.path.clone(),
                     phase: Phase::Work,
@@ -523,22 +682,59 @@ impl SqliteTxn {
         }
     }
 
-    /// Ends this resource: no further use; returns the connection if it had
-    /// begun.
-    fn take(&self) -> Option<SharedConn> {
-        let taken = std::mem::replace(&mut *self.slot.lock(), Slot::Ended);
-        self.db.open.lock().remove(&self.txid);
-        match taken {
-            Slot::Active(shared) => Some(shared),
-            _ => None,
+    fn already_ended(&self, phase: Phase, ended: Ending) -> Error {
+        Error::AlreadyEnded {
+            path: self.db.path.clone(),
+            phase,
+            ended,
         }
     }
 
-    /// `COMMIT`s (refusing a transaction ended by hand); on failure rolls back.
+    /// Leaves the slot `Ended(provisional)` and the open map, and returns
+    /// what the slot held. The caller sets the final state.
+    fn take(&self, provisional: Ending) -> Slot {
+        let taken = std::mem::replace(&mut *self.slot.lock(), Slot::Ended(provisional));
+        self.db.open.lock().remove(&self.txid);
+        taken
+    }
+
+    /// `COMMIT`s: at the vote of the last resource (made durable, then
+    /// `Voted`), at its `tpc_finish` (ending a `Voted` slot, or committing if
+    /// the vote was skipped) or in `commit_one_phase`. A slot that has
+    /// already ended is an error: each resource has exactly one ending.
     fn commit_now(&self, phase: Phase) -> Result<()> {
-        let Some(shared) = self.take() else {
-            return Ok(()); // never begun: nothing to commit
+        {
+            let mut slot = self.slot.lock();
+            match &*slot {
+                Slot::Ended(ended) => return Err(self.already_ended(phase, *ended)),
+                Slot::Voted if phase == Phase::TpcFinish => {
+                    *slot = Slot::Ended(Ending::Committed);
+                    return Ok(());
+                }
+                Slot::Voted => return Err(self.already_ended(phase, Ending::Committed)),
+                Slot::NotBegun | Slot::Active(_) => {}
+            }
+        }
+        let (ending, outcome) = match self.take(Ending::RolledBack) {
+            // Never begun: nothing to commit.
+            Slot::NotBegun => (Ending::Committed, Ok(())),
+            Slot::Active(shared) => self.commit_conn(&shared, phase),
+            Slot::Voted | Slot::Ended(_) => unreachable!("checked above"),
         };
+        *self.slot.lock() = match (ending, phase) {
+            (Ending::Committed, Phase::TpcVote) if outcome.is_ok() => Slot::Voted,
+            (ending, _) => Slot::Ended(ending),
+        };
+        outcome
+    }
+
+    /// Commits the connection (refusing a transaction ended by hand); on
+    /// failure rolls back. In the two-phase path (`tpc_vote`/`tpc_finish`)
+    /// this `COMMIT` is the decision, so it is made durable before it
+    /// returns, whatever the everyday `synchronous` setting: every other
+    /// participant is finished after it (`commit_one_phase` needs nothing
+    /// more than SQLite's own setting).
+    fn commit_conn(&self, shared: &SharedConn, phase: Phase) -> (Ending, Result<()>) {
         let c = shared.lock();
         c.ended.set(true);
         let outcome = if c.ended_by_hand() {
@@ -562,16 +758,32 @@ impl SqliteTxn {
                 }
             })
         };
-        if outcome.is_err() && !c.conn().is_autocommit() {
-            if let Err(e) = c.conn().execute_batch("ROLLBACK") {
-                error!(db = %self.db.name, error = %e, "ROLLBACK after a failed COMMIT failed");
+        if outcome.is_err() {
+            if !c.conn().is_autocommit() {
+                if let Err(e) = c.conn().execute_batch("ROLLBACK") {
+                    error!(db = %self.db.name, error = %e, "ROLLBACK after a failed COMMIT failed");
+                }
             }
+            return (Ending::RolledBack, outcome);
         }
-        outcome
+        if phase == Phase::CommitOnePhase {
+            return (Ending::Committed, Ok(()));
+        }
+        // The COMMIT stands from here on, whether the sync works or not.
+        (Ending::Committed, self.db.sync_after_commit(phase))
     }
 
     fn rollback_now(&self, phase: Phase) -> Result<()> {
-        let Some(shared) = self.take() else {
+        match &*self.slot.lock() {
+            // tm aborts a last resource whose own COMMIT failed (and rolled
+            // it back): nothing left to do.
+            Slot::Ended(Ending::RolledBack) => return Ok(()),
+            Slot::Ended(Ending::Committed) | Slot::Voted => {
+                return Err(self.already_ended(phase, Ending::Committed))
+            }
+            Slot::NotBegun | Slot::Active(_) => {}
+        }
+        let Slot::Active(shared) = self.take(Ending::RolledBack) else {
             return Ok(());
         };
         let c = shared.lock();
@@ -618,7 +830,7 @@ impl DataManager for SqliteTxn {
     }
 
     fn tpc_finish(&self, _txn: &Transaction) -> tm_core::Result<()> {
-        // Committed at the vote; a no-op unless tpc_vote was skipped.
+        // Committed (and made durable) at the vote; this ends the slot.
         self.commit_now(Phase::TpcFinish)
             .map_err(|e| self.tm_err(e))
     }
@@ -635,6 +847,13 @@ impl DataManager for SqliteTxn {
 
     fn can_prepare(&self) -> bool {
         false
+    }
+
+    /// The `SqliteDecisionLog` created on this same pool (clones included,
+    /// a second `Database::open` of the file not): its decision rows commit
+    /// inside this transaction's `COMMIT`.
+    fn hosted_log(&self) -> Option<LogId> {
+        self.db.hosted_log.get().copied()
     }
 
     fn should_retry(&self, err: &(dyn std::error::Error + 'static)) -> bool {
@@ -717,5 +936,134 @@ impl Drop for SqliteSavepoint {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tm_core::TransactionManager;
+
+    fn resource(db: &Database, txn: &Transaction) -> Arc<SqliteTxn> {
+        db.join(txn)
+            .unwrap()
+            .execute_batch("CREATE TABLE IF NOT EXISTS t (x INTEGER); INSERT INTO t VALUES (1)")
+            .unwrap();
+        db.open_txn(&txn.id()).unwrap()
+    }
+
+    fn already_ended(err: tm_core::Error, phase: Phase, ended: Ending) {
+        let source = std::error::Error::source(&err).and_then(|s| s.downcast_ref::<Error>());
+        match source {
+            Some(e @ Error::AlreadyEnded { .. }) => {
+                assert_eq!(e.phase(), phase, "{e}");
+                assert!(
+                    matches!(e, Error::AlreadyEnded { ended: got, .. } if *got == ended),
+                    "{e}"
+                );
+                let text = err.to_string();
+                assert!(
+                    text.contains("sqlite:") && text.contains(&phase.to_string()),
+                    "{text}"
+                );
+            }
+            _ => panic!("expected AlreadyEnded at {phase}, got {err:?}"),
+        }
+    }
+
+    #[test]
+    fn finishing_a_slot_that_already_ended_is_an_error_naming_resource_and_phase() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("t.db")).unwrap();
+        let tm = TransactionManager::explicit();
+
+        // Committed in one phase, then finished again.
+        let txn = tm.begin().unwrap();
+        let res = resource(&db, &txn);
+        res.commit_one_phase(&txn).unwrap();
+        already_ended(
+            res.commit_one_phase(&txn).unwrap_err(),
+            Phase::CommitOnePhase,
+            Ending::Committed,
+        );
+        already_ended(
+            res.tpc_finish(&txn).unwrap_err(),
+            Phase::TpcFinish,
+            Ending::Committed,
+        );
+        already_ended(
+            res.tpc_abort(&txn).unwrap_err(),
+            Phase::TpcAbort,
+            Ending::Committed,
+        );
+        drop(tm.abort());
+
+        // Voted (its COMMIT), finished, finished again.
+        let txn = tm.begin().unwrap();
+        let res = resource(&db, &txn);
+        res.tpc_vote(&txn).unwrap();
+        already_ended(
+            res.tpc_vote(&txn).unwrap_err(),
+            Phase::TpcVote,
+            Ending::Committed,
+        );
+        res.tpc_finish(&txn).unwrap();
+        already_ended(
+            res.tpc_finish(&txn).unwrap_err(),
+            Phase::TpcFinish,
+            Ending::Committed,
+        );
+        drop(tm.abort());
+
+        // Rolled back, then finished.
+        let txn = tm.begin().unwrap();
+        let res = resource(&db, &txn);
+        res.abort(&txn).unwrap();
+        res.tpc_abort(&txn).unwrap(); // a second rollback is harmless
+        already_ended(
+            res.tpc_finish(&txn).unwrap_err(),
+            Phase::TpcFinish,
+            Ending::RolledBack,
+        );
+        already_ended(
+            res.commit_one_phase(&txn).unwrap_err(),
+            Phase::CommitOnePhase,
+            Ending::RolledBack,
+        );
+        drop(tm.abort());
+
+        let n: i64 = db
+            .with_connection(|c| c.query_row("SELECT count(*) FROM t", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn the_syncs_after_a_commit_follow_the_journal_mode_and_synchronous_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.db");
+        std::fs::write(&path, b"").unwrap();
+        let file =
+            |suffix: &str| SyncTarget::File(PathBuf::from(format!("{}{suffix}", path.display())));
+        let parent = SyncTarget::Dir(dir.path().to_path_buf());
+        let db = SyncTarget::File(path.clone());
+        assert_eq!(after_commit_syncs(&path, "wal", 1), [file("-wal")]);
+        assert_eq!(after_commit_syncs(&path, "wal", 0), [file("-wal")]);
+        assert!(after_commit_syncs(&path, "wal", 2).is_empty());
+        assert_eq!(
+            after_commit_syncs(&path, "delete", 2),
+            std::slice::from_ref(&parent)
+        );
+        assert!(after_commit_syncs(&path, "delete", 3).is_empty());
+        assert_eq!(after_commit_syncs(&path, "delete", 0), [db.clone(), parent]);
+        assert_eq!(after_commit_syncs(&path, "truncate", 1), [file("-journal")]);
+        assert!(after_commit_syncs(&path, "truncate", 2).is_empty());
+        assert!(after_commit_syncs(&path, "persist", 1).is_empty());
+        assert_eq!(
+            after_commit_syncs(&path, "persist", 0),
+            [db, file("-journal")]
+        );
+        assert!(after_commit_syncs(&path, "memory", 1).is_empty());
+        assert!(after_commit_syncs(Path::new(":memory:"), "memory", 0).is_empty());
     }
 }

@@ -7,21 +7,35 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use rusqlite::{params, Connection};
-use tm_core::{Decision, DecisionLog, Phase, TxId};
+use rusqlite::{ffi, params, Connection, TransactionBehavior};
+use tm_core::{Decision, DecisionLog, LogId, Outcome, Phase, TxId};
 
 use crate::database::Database;
 use crate::error::Error;
 use crate::options::Synchronous;
 
-const CREATE: &str = "CREATE TABLE IF NOT EXISTS tm_decisions (
+/// `tm_log` holds the log's one id row; `tm_decisions` one row per
+/// transaction, keyed by its id: a commit decision, or an abort recorded by
+/// recovery (the fence). `at` is the row's time (Unix seconds), for
+/// operators.
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS tm_log (id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tm_decisions (
     txid TEXT PRIMARY KEY,
     participants TEXT NOT NULL,
-    metadata TEXT NOT NULL
+    metadata TEXT NOT NULL,
+    outcome TEXT NOT NULL DEFAULT 'commit',
+    at INTEGER NOT NULL DEFAULT 0
 )";
-const INSERT: &str =
-    "INSERT OR REPLACE INTO tm_decisions (txid, participants, metadata) VALUES (?1, ?2, ?3)";
-const DELETE: &str = "DELETE FROM tm_decisions WHERE txid = ?1";
+/// Plain `INSERT`s, never `INSERT OR REPLACE`: the primary-key conflict
+/// between a commit row and an abort row of one transaction *is* the fence,
+/// and SQLite's write lock decides which came first.
+const INSERT_COMMIT: &str = "INSERT INTO tm_decisions (txid, participants, metadata, outcome, at)
+    VALUES (?1, ?2, ?3, 'commit', CAST(strftime('%s', 'now') AS INTEGER))";
+const INSERT_ABORT: &str = "INSERT INTO tm_decisions (txid, participants, metadata, outcome, at)
+    VALUES (?1, '[]', '{}', 'abort', CAST(strftime('%s', 'now') AS INTEGER))";
+const OUTCOME: &str = "SELECT outcome FROM tm_decisions WHERE txid = ?1";
+/// Abort rows are never deleted: they fence a coordinator arriving late.
+const DELETE: &str = "DELETE FROM tm_decisions WHERE txid = ?1 AND outcome = 'commit'";
 
 /// Forgotten decisions are deleted in batches of this many: a completed
 /// transaction then costs no extra SQLite write of its own. Rows of finished
@@ -29,9 +43,100 @@ const DELETE: &str = "DELETE FROM tm_decisions WHERE txid = ?1";
 /// again, which is idempotent.
 const FORGET_BATCH: usize = 64;
 
-/// A [`DecisionLog`] kept in the table `tm_decisions` of an SQLite
-/// [`Database`] (the table is created if missing; `participants` and
-/// `metadata` are JSON, readable with SQLite's JSON functions).
+/// What a row of `tm_decisions` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Row {
+    Commit,
+    Abort,
+}
+
+impl Row {
+    fn parse(text: &str) -> rusqlite::Result<Row> {
+        match text {
+            "commit" => Ok(Row::Commit),
+            "abort" => Ok(Row::Abort),
+            other => Err(rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Text,
+                format!("tm_decisions.outcome is {other:?}, neither 'commit' nor 'abort'").into(),
+            )),
+        }
+    }
+}
+
+/// Runs `insert`; on a primary-key conflict, returns the row already there.
+/// `None`: inserted.
+fn insert_or_existing(
+    c: &Connection,
+    txid: &str,
+    insert: impl FnOnce(&Connection) -> rusqlite::Result<usize>,
+) -> rusqlite::Result<Option<Row>> {
+    match insert(c) {
+        Ok(_) => Ok(None),
+        Err(e) if is_key_conflict(&e) => {
+            let outcome: String = c.prepare_cached(OUTCOME)?.query_row([txid], |r| r.get(0))?;
+            Row::parse(&outcome).map(Some)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn is_key_conflict(e: &rusqlite::Error) -> bool {
+    e.sqlite_error().is_some_and(|s| {
+        s.extended_code == ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+            || s.extended_code == ffi::SQLITE_CONSTRAINT_UNIQUE
+    })
+}
+
+/// Creates the tables, migrates a `tm_decisions` of the first schema (no
+/// `outcome`: every row was a commit) and returns the log's id, creating it
+/// if missing. Run inside one `IMMEDIATE` transaction, so that two
+/// processes creating the log at once agree on one id.
+fn create_or_read_id(c: &Connection) -> rusqlite::Result<String> {
+    c.execute_batch(CREATE)?;
+    let columns = c
+        .prepare("SELECT name FROM pragma_table_info('tm_decisions')")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    if !columns.iter().any(|c| c == "outcome") {
+        c.execute_batch(
+            "ALTER TABLE tm_decisions ADD COLUMN outcome TEXT NOT NULL DEFAULT 'commit'",
+        )?;
+    }
+    if !columns.iter().any(|c| c == "at") {
+        c.execute_batch("ALTER TABLE tm_decisions ADD COLUMN at INTEGER NOT NULL DEFAULT 0")?;
+    }
+    let existing: Option<String> = c
+        .query_row("SELECT id FROM tm_log LIMIT 1", [], |r| r.get(0))
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    match existing {
+        Some(id) => Ok(id),
+        None => {
+            let id = LogId::new().to_string();
+            c.execute("INSERT INTO tm_log (id) VALUES (?1)", [&id])?;
+            Ok(id)
+        }
+    }
+}
+
+/// A [`DecisionLog`] kept in the tables `tm_decisions` and `tm_log` of an
+/// SQLite [`Database`] (created if missing; `participants` and `metadata`
+/// are JSON, readable with SQLite's JSON functions).
+///
+/// **Identity.** The log's [`LogId`] is created with the log and kept in the
+/// table `tm_log`: every process opening the file shares one log (and the
+/// fence keeps that safe).
+///
+/// **The fence.** A row per transaction says `commit` or `abort`. Commit
+/// decisions and recovery's recorded aborts are plain `INSERT`s on the
+/// transaction id, so whichever SQLite lets write first wins, and the other
+/// learns it: [`record_commit`](DecisionLog::record_commit) after an abort
+/// is [`tm_core::Error::Fenced`]; [`record_abort`](DecisionLog::record_abort)
+/// after a commit answers [`Outcome::Committed`]. Abort rows are kept.
 ///
 /// Forgetting a finished decision costs nothing per transaction: the rows
 /// are deleted 64 at a time (and by [`pending`](DecisionLog::pending) and
@@ -44,12 +149,14 @@ const FORGET_BATCH: usize = 64;
 /// decision just before that `COMMIT`. When the transaction has *this same*
 /// `Database` (or a clone of it) joined, the row is inserted through the
 /// transaction's own connection and commits atomically with it: the
-/// decision row exists exactly when the SQLite transaction committed, and
-/// no extra write or fsync is made. Otherwise the row is written in its own
-/// transaction with `synchronous = FULL` (durable before `record_commit`
-/// returns). Use the same handle: a second `Database` opened on the same
-/// file is another pool, and its open write transaction would make the log
-/// wait for the busy timeout.
+/// decision row exists exactly when the SQLite transaction committed (that
+/// `COMMIT` is made durable before any other participant is finished,
+/// whatever [`Options::synchronous`](crate::Options::synchronous) says).
+/// Otherwise the row is written in its own transaction with
+/// `synchronous = EXTRA` (durable before `record_commit` returns). Use the
+/// same handle: a second `Database` opened on the same file is another pool,
+/// and tm refuses it as the log of a transaction that also has durably
+/// preparing participants ([`tm_core::Error::UnsafeSetup`]).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -75,24 +182,42 @@ const FORGET_BATCH: usize = 64;
 #[derive(Debug, Clone)]
 pub struct SqliteDecisionLog {
     db: Database,
+    id: LogId,
     /// Decisions forgotten but not yet deleted (shared by clones).
     forgotten: Arc<Mutex<Vec<String>>>,
 }
 
 impl SqliteDecisionLog {
-    /// A log in `db` (creating the `tm_decisions` table if missing).
+    /// A log in `db`: creates the tables if missing (migrating a
+    /// `tm_decisions` table of the first schema, whose rows are all commit
+    /// decisions) and the log's id, or reads the id kept there. From now on
+    /// `db`'s transactions host this log
+    /// ([`DataManager::hosted_log`](tm_core::DataManager::hosted_log)).
     ///
     /// ```
+    /// use tm_core::DecisionLog;
     /// let dir = tempfile::tempdir()?;
     /// let db = tm_sqlite::Database::open(dir.path().join("app.db"))?;
     /// let log = tm_sqlite::SqliteDecisionLog::new(&db)?;
     /// assert_eq!(log.database().path(), db.path());
+    /// // The id is kept in the file: another pool on it finds the same one.
+    /// let again = tm_sqlite::SqliteDecisionLog::new(&tm_sqlite::Database::open(db.path())?)?;
+    /// assert_eq!(again.id(), log.id());
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn new(db: &Database) -> Result<Self, Error> {
-        db.with_connection(|c| c.execute_batch(CREATE))?;
+        let id = db.with_connection_at(Phase::Open, |c| {
+            durably(c, db.options().synchronous, create_or_read_id)
+        })?;
+        let id: LogId = id.parse().map_err(|e: tm_core::Error| Error::Corrupt {
+            path: db.path().to_path_buf(),
+            phase: Phase::Open,
+            detail: format!("tm_log.id: {e}"),
+        })?;
+        db.host_log(id);
         Ok(SqliteDecisionLog {
             db: db.clone(),
+            id,
             forgotten: Arc::new(Mutex::new(Vec::new())),
         })
     }
@@ -125,11 +250,26 @@ impl SqliteDecisionLog {
         self.db.same_as(db)
     }
 
-    fn log_err(&self, e: impl Into<tm_core::BoxError>) -> tm_core::Error {
+    fn log_err(&self, e: Error) -> tm_core::Error {
         tm_core::Error::DecisionLog {
             log: self.db.name().to_owned(),
             source: e.into(),
         }
+    }
+
+    fn sqlite_err(&self, phase: Phase, e: rusqlite::Error) -> tm_core::Error {
+        self.log_err(Error::sqlite(self.db.path(), phase, e))
+    }
+
+    /// Runs `f` in its own `IMMEDIATE` transaction, durable when it returns.
+    fn write_durably<T>(
+        &self,
+        phase: Phase,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> tm_core::Result<T> {
+        self.db
+            .with_connection_at(phase, |c| durably(c, self.db.options().synchronous, f))
+            .map_err(|e| self.log_err(e))
     }
 
     /// Deletes the forgotten decisions' rows in one transaction; on failure
@@ -139,7 +279,7 @@ impl SqliteDecisionLog {
         if batch.is_empty() {
             return Ok(());
         }
-        let result = self.db.with_connection(|c| {
+        let result = self.db.with_connection_at(Phase::TpcFinish, |c| {
             let tx = c.unchecked_transaction()?;
             {
                 let mut stmt = tx.prepare_cached(DELETE)?;
@@ -155,48 +295,88 @@ impl SqliteDecisionLog {
         }
         Ok(())
     }
+}
 
-    fn sqlite_err(&self, phase: Phase, e: rusqlite::Error) -> tm_core::Error {
-        self.log_err(Error::sqlite(self.db.path(), phase, e))
+/// Runs `f` in an `IMMEDIATE` transaction on `c` with `synchronous = EXTRA`
+/// (restoring `everyday` after). `PRAGMA synchronous` cannot change inside a
+/// transaction, hence around it. EXTRA, not FULL: in `journal_mode=DELETE`
+/// the commit is the unlink of the journal, and only EXTRA syncs the
+/// directory after it (sqlite.org/pragma.html#pragma_synchronous); in WAL
+/// mode EXTRA costs the same as FULL (one sync of the WAL at commit,
+/// `sqlite3PagerSetFlags` in SQLite 3.50). A failed sync fails SQLite's own
+/// `COMMIT`, which then does not count.
+fn durably<T>(
+    c: &Connection,
+    everyday: Synchronous,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    let weaker = everyday != Synchronous::Extra;
+    if weaker {
+        c.execute_batch("PRAGMA synchronous = EXTRA")?;
     }
+    let result =
+        rusqlite::Transaction::new_unchecked(c, TransactionBehavior::Immediate).and_then(|tx| {
+            let value = f(&tx)?;
+            tx.commit()?;
+            Ok(value)
+        });
+    if weaker {
+        if let Err(e) = c.execute_batch(&format!("PRAGMA synchronous = {}", everyday.as_str())) {
+            // Harmless: the connection stays more durable than asked.
+            tracing::warn!(error = %e, "could not restore PRAGMA synchronous");
+        }
+    }
+    result
 }
 
 impl DecisionLog for SqliteDecisionLog {
+    fn id(&self) -> LogId {
+        self.id
+    }
+
     fn record_commit(&self, decision: &Decision) -> tm_core::Result<()> {
         let txid = decision.txid.to_string();
         let participants = json_array(&decision.participants);
         let metadata = json_object(&decision.metadata);
         let insert = |c: &Connection| {
-            c.prepare_cached(INSERT)?
-                .execute(params![txid, participants, metadata])
-                .map(|_| ())
+            insert_or_existing(c, &txid, |c| {
+                c.prepare_cached(INSERT_COMMIT)?
+                    .execute(params![txid, participants, metadata])
+            })
         };
         // Logging last resource: inside the transaction's own SQLite
-        // transaction, which commits right after this returns.
-        if let Some(res) = self.db.open_txn(&decision.txid) {
-            if let Some(result) = res.with_open_conn(insert) {
-                return result.map_err(|e| self.sqlite_err(Phase::TpcVote, e));
-            }
+        // transaction, which commits right after this returns (a conflict
+        // there leaves the transaction open; tm then rolls it back).
+        let in_txn = self
+            .db
+            .open_txn(&decision.txid)
+            .and_then(|res| res.with_open_conn(insert));
+        let existing = match in_txn {
+            Some(result) => result.map_err(|e| self.sqlite_err(Phase::TpcVote, e))?,
+            None => self.write_durably(Phase::TpcVote, insert)?,
+        };
+        match existing {
+            None | Some(Row::Commit) => Ok(()),
+            Some(Row::Abort) => Err(tm_core::Error::Fenced {
+                txid: decision.txid,
+            }),
         }
-        let weaker = matches!(
-            self.db.options().synchronous,
-            Synchronous::Off | Synchronous::Normal
-        );
-        self.db
-            .with_connection(|c| {
-                if weaker {
-                    c.execute_batch("PRAGMA synchronous = FULL")?;
-                }
-                let result = insert(c);
-                if weaker {
-                    c.execute_batch(&format!(
-                        "PRAGMA synchronous = {}",
-                        self.db.options().synchronous.as_str()
-                    ))?;
-                }
-                result
-            })
-            .map_err(|e| self.log_err(e))
+    }
+
+    fn record_abort(&self, txid: &TxId) -> tm_core::Result<Outcome> {
+        let key = txid.to_string();
+        // Its own transaction, even when this process has the transaction
+        // open: the abort must not ride in (and die with) the coordinator's
+        // transaction. While the coordinator holds the write lock this waits
+        // up to the busy timeout; BUSY is an error and recovery tries again
+        // on a later pass.
+        let existing = self.write_durably(Phase::Recover, |c| {
+            insert_or_existing(c, &key, |c| c.prepare_cached(INSERT_ABORT)?.execute([&key]))
+        })?;
+        Ok(match existing {
+            Some(Row::Commit) => Outcome::Committed,
+            None | Some(Row::Abort) => Outcome::Aborted,
+        })
     }
 
     fn forget(&self, txid: &TxId) -> tm_core::Result<()> {
@@ -224,9 +404,10 @@ impl DecisionLog for SqliteDecisionLog {
         self.flush_forgotten()?;
         let rows = self
             .db
-            .with_connection(|c| {
+            .with_connection_at(Phase::Recover, |c| {
                 let mut stmt = c.prepare(
-                    "SELECT txid, participants, metadata FROM tm_decisions ORDER BY rowid",
+                    "SELECT txid, participants, metadata FROM tm_decisions
+                     WHERE outcome = 'commit' ORDER BY rowid",
                 )?;
                 let rows = stmt.query_map([], |r| {
                     Ok((
@@ -255,7 +436,13 @@ impl DecisionLog for SqliteDecisionLog {
             .map_err(|e| self.log_err(e))?;
         rows.into_iter()
             .map(|(txid, participants, metadata)| {
-                let txid: TxId = txid.parse().map_err(|e| self.log_err(e))?;
+                let txid: TxId = txid.parse().map_err(|e| {
+                    self.log_err(Error::Corrupt {
+                        path: self.db.path().to_path_buf(),
+                        phase: Phase::Recover,
+                        detail: format!("tm_decisions.txid {txid:?}: {e}"),
+                    })
+                })?;
                 Ok(Decision::new(txid, participants, metadata))
             })
             .collect()
@@ -340,5 +527,26 @@ mod tests {
         assert_eq!(log.pending().unwrap(), vec![d.clone()]);
         log.forget(&d.txid).unwrap();
         assert!(log.pending().unwrap().is_empty());
+    }
+
+    #[test]
+    fn hosted_log_is_the_log_of_the_same_pool_only() {
+        use tm_core::DataManager;
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::open(dir.path().join("log.db")).unwrap();
+        let other_pool = Database::open(db.path()).unwrap();
+        let tm = tm_core::TransactionManager::explicit();
+        let hosted = |db: &Database| {
+            let txn = tm.begin().unwrap();
+            drop(db.join(&txn).unwrap());
+            let id = db.open_txn(&txn.id()).unwrap().hosted_log();
+            txn.abort().unwrap();
+            id
+        };
+        assert_eq!(hosted(&db), None);
+        let log = SqliteDecisionLog::new(&db).unwrap();
+        assert_eq!(hosted(&db), Some(log.id()));
+        assert_eq!(hosted(&db.clone()), Some(log.id()));
+        assert_eq!(hosted(&other_pool), None);
     }
 }

@@ -9,8 +9,10 @@ use tm_core::Phase;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What tm-sqlite reports. Every variant names the database path and the
-/// phase; SQLite's own failures keep the [`rusqlite::Error`] as their source
-/// and show SQLite's extended result code.
+/// phase, and says its cause once: SQLite's own failures show SQLite's
+/// message and extended result code in the message and keep the
+/// [`rusqlite::Error`] for [`rusqlite_error`](Error::rusqlite_error) (not as
+/// `source()`, which would say it twice); an I/O failure is the `source()`.
 ///
 /// Inside a transaction it reaches callers wrapped in
 /// [`tm_core::Error::Resource`] (resource `sqlite:<path>`), so
@@ -29,15 +31,61 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// SQLite refused an operation.
-    #[error("sqlite:{} at {phase}: {source}{}", .path.display(), code_suffix(.source))]
+    #[error("sqlite:{} at {phase}: {cause}{}", .path.display(), code_suffix(.cause))]
     Sqlite {
         /// The database file.
         path: PathBuf,
         /// What tm-sqlite was doing.
         phase: Phase,
-        /// SQLite's error.
+        /// SQLite's error (shown in the message).
+        cause: rusqlite::Error,
+    },
+    /// The resource was asked to end again after it had ended (finished
+    /// twice, finished after a rollback, rolled back after its commit): tm
+    /// gives each resource exactly one ending, so this is a protocol
+    /// violation, never a no-op.
+    #[error(
+        "sqlite:{} at {phase}: this transaction's SQLite part has already ended ({ended}); \
+         it cannot be ended again",
+        .path.display()
+    )]
+    AlreadyEnded {
+        /// The database file.
+        path: PathBuf,
+        /// The ending that was refused.
+        phase: Phase,
+        /// How it had ended.
+        ended: Ending,
+    },
+    /// The last resource's `COMMIT` ran, but making it durable (an fsync of
+    /// the file named in the message) failed: the commit is visible, and it
+    /// may not survive a power loss.
+    #[error(
+        "sqlite:{} at {phase}: the COMMIT ran but could not be made durable (fsync of {}); \
+         it is visible now and may be lost by a power failure",
+        .path.display(), .file.display()
+    )]
+    NotDurable {
+        /// The database file.
+        path: PathBuf,
+        /// Where (the last resource's vote).
+        phase: Phase,
+        /// The file whose sync failed.
+        file: PathBuf,
+        /// The operating system's error.
         #[source]
-        source: rusqlite::Error,
+        source: std::io::Error,
+    },
+    /// What tm-sqlite keeps in its own tables is not what it wrote (e.g. a
+    /// decision log id that does not parse).
+    #[error("sqlite:{} at {phase}: {detail}", .path.display())]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What was being read.
+        phase: Phase,
+        /// What is wrong, and where.
+        detail: String,
     },
     /// The SQLite transaction was ended behind tm's back: `COMMIT`,
     /// `ROLLBACK` or `BEGIN` run by hand on the joined connection (or SQLite
@@ -70,6 +118,25 @@ pub enum Error {
     },
 }
 
+/// How a transaction's SQLite part ended ([`Error::AlreadyEnded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Ending {
+    /// Its `COMMIT` ran.
+    Committed,
+    /// It was rolled back (or its `COMMIT` failed and rolled it back).
+    RolledBack,
+}
+
+impl std::fmt::Display for Ending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Ending::Committed => "committed",
+            Ending::RolledBack => "rolled back",
+        })
+    }
+}
+
 fn code_suffix(err: &rusqlite::Error) -> String {
     match err.sqlite_error() {
         Some(e) => format!(" (SQLite {:?}, extended code {})", e.code, e.extended_code),
@@ -78,11 +145,11 @@ fn code_suffix(err: &rusqlite::Error) -> String {
 }
 
 impl Error {
-    pub(crate) fn sqlite(path: &Path, phase: Phase, source: rusqlite::Error) -> Self {
+    pub(crate) fn sqlite(path: &Path, phase: Phase, cause: rusqlite::Error) -> Self {
         Error::Sqlite {
             path: path.to_path_buf(),
             phase,
-            source,
+            cause,
         }
     }
 
@@ -99,7 +166,10 @@ impl Error {
         match self {
             Error::Sqlite { path, .. }
             | Error::EndedOutsideTm { path, .. }
-            | Error::TransactionEnded { path, .. } => path,
+            | Error::TransactionEnded { path, .. }
+            | Error::AlreadyEnded { path, .. }
+            | Error::NotDurable { path, .. }
+            | Error::Corrupt { path, .. } => path,
         }
     }
 
@@ -116,7 +186,10 @@ impl Error {
         match self {
             Error::Sqlite { phase, .. }
             | Error::EndedOutsideTm { phase, .. }
-            | Error::TransactionEnded { phase, .. } => *phase,
+            | Error::TransactionEnded { phase, .. }
+            | Error::AlreadyEnded { phase, .. }
+            | Error::NotDurable { phase, .. }
+            | Error::Corrupt { phase, .. } => *phase,
         }
     }
 
@@ -155,8 +228,8 @@ impl Error {
     /// ```
     pub fn rusqlite_error(&self) -> Option<&rusqlite::Error> {
         match self {
-            Error::Sqlite { source, .. } => Some(source),
-            Error::EndedOutsideTm { .. } | Error::TransactionEnded { .. } => None,
+            Error::Sqlite { cause, .. } => Some(cause),
+            _ => None,
         }
     }
 

@@ -79,5 +79,5 @@ mod options;
 
 pub use database::{Conn, Database};
 pub use decision_log::SqliteDecisionLog;
-pub use error::{is_retryable, Error, Result};
+pub use error::{is_retryable, Ending, Error, Result};
 pub use options::{Begin, JournalMode, OnConnect, Options, Synchronous};

@@ -156,7 +156,11 @@ impl Begin {
 pub struct Options {
     /// `PRAGMA journal_mode` (default [`JournalMode::Wal`]).
     pub journal_mode: JournalMode,
-    /// `PRAGMA synchronous` (default [`Synchronous::Normal`]).
+    /// `PRAGMA synchronous` (default [`Synchronous::Normal`]): the
+    /// everyday durability. Whatever it says, a `COMMIT` that is a two-phase
+    /// transaction's decision (SQLite as the last resource beside others) is
+    /// made durable (an extra fsync where this level would not sync) before
+    /// any other participant is finished.
     pub synchronous: Synchronous,
     /// How long a connection waits for a lock before `SQLITE_BUSY`
     /// (default 5 s).

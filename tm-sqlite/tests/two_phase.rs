@@ -88,9 +88,14 @@ fn sqlite_cannot_prepare_so_it_commits_last_even_when_it_sorts_first() {
 fn the_other_resource_failing_at_tpc_finish_after_sqlite_committed_is_heuristic_naming_both() {
     let (_dir, db, log, result) = write_with(Some(Phase::TpcFinish));
     match result.unwrap_err() {
-        Error::Heuristic { committed, failed } => {
+        Error::Heuristic {
+            committed,
+            rolled_back,
+            in_doubt,
+        } => {
             assert_eq!(committed, [db.name().to_owned()]);
-            assert_eq!(failed, ["other".to_owned()]);
+            assert!(rolled_back.is_empty(), "{rolled_back:?}");
+            assert_eq!(in_doubt, ["other".to_owned()]);
         }
         other => panic!("expected Heuristic, got {other:?}"),
     }

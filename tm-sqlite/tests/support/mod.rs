@@ -121,3 +121,50 @@ pub fn increment(db: &Database, tm: &TransactionManager, n: usize) {
         .expect("an increment failed after every retry");
     }
 }
+
+/// A preparable resource whose prepare survives a crash
+/// (`prepares_durably()`), as tm-redis's does; it records what it sees.
+pub struct DurablePreparer {
+    pub name: String,
+    pub calls: tm_core::testing::CallLog,
+}
+
+impl DurablePreparer {
+    pub fn new(name: &str) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(DurablePreparer {
+            name: name.to_owned(),
+            calls: tm_core::testing::CallLog::new(),
+        })
+    }
+}
+
+impl tm_core::DataManager for DurablePreparer {
+    fn sort_key(&self) -> &str {
+        &self.name
+    }
+    fn abort(&self, _: &tm_core::Transaction) -> tm_core::Result<()> {
+        self.calls.record(&self.name, tm_core::Phase::Abort);
+        Ok(())
+    }
+    fn tpc_begin(&self, _: &tm_core::Transaction) -> tm_core::Result<()> {
+        Ok(())
+    }
+    fn commit(&self, _: &tm_core::Transaction) -> tm_core::Result<()> {
+        Ok(())
+    }
+    fn tpc_vote(&self, _: &tm_core::Transaction) -> tm_core::Result<()> {
+        self.calls.record(&self.name, tm_core::Phase::TpcVote);
+        Ok(())
+    }
+    fn tpc_finish(&self, _: &tm_core::Transaction) -> tm_core::Result<()> {
+        self.calls.record(&self.name, tm_core::Phase::TpcFinish);
+        Ok(())
+    }
+    fn tpc_abort(&self, _: &tm_core::Transaction) -> tm_core::Result<()> {
+        self.calls.record(&self.name, tm_core::Phase::TpcAbort);
+        Ok(())
+    }
+    fn recovery_id(&self) -> Option<String> {
+        Some(format!("durable:{}", self.name))
+    }
+}
