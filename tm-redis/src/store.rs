@@ -3,10 +3,11 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::{IntoConnectionInfo, Value};
-use tm_core::{Phase, Recoverable, Transaction, TxId, TxIdMap};
+use tm_core::{InDoubt, Phase, Recoverable, Transaction, TxId, TxIdMap};
 use tracing::{debug, warn};
 
 use crate::conn::{self, Conn};
@@ -462,6 +463,86 @@ impl StoreInner {
     }
 }
 
+impl StoreInner {
+    fn in_doubt(&self) -> Result<Vec<InDoubt>> {
+        let phase = Phase::Recover;
+        let mut pattern = glob_escape(&self.prefix);
+        pattern.extend_from_slice(b"{*}:prepared:*");
+        let names = self.scan(&pattern, phase)?;
+        let mut records: Vec<(TxId, &[u8])> = names
+            .iter()
+            .filter_map(|n| {
+                let pos = n.windows(10).rposition(|w| w == b":prepared:")?;
+                let txid = std::str::from_utf8(&n[pos + 10..]).ok()?.parse().ok()?;
+                Some((txid, n.as_slice()))
+            })
+            .collect();
+        records.sort();
+        let mut buf = Vec::new();
+        for (_, name) in &records {
+            conn::command(&mut buf, &[b"HMGET", name, b"k", b"l", b"t"]);
+        }
+        conn::command(&mut buf, &[b"TIME"]);
+        let mut replies = self.call_idempotent(phase, "HMGET", &buf, records.len() + 1)?;
+        let time = replies.pop().unwrap_or(Value::Nil);
+        let now = match &time {
+            Value::Array(t) if t.len() == 2 => int_of(&t[0])
+                .zip(int_of(&t[1]))
+                .map(|(secs, micros)| secs * 1_000_000 + micros),
+            Value::ServerError(e) => {
+                return Err(self.command_error(phase, "TIME", e.clone().into()))
+            }
+            _ => None,
+        };
+        let Some(now) = now else {
+            return Err(self.unexpected(phase, "TIME", &time));
+        };
+        let mut out: Vec<InDoubt> = Vec::with_capacity(records.len());
+        for ((txid, name), reply) in records.iter().zip(replies) {
+            let fields = match reply {
+                Value::Array(f) if f.len() == 3 => f,
+                Value::ServerError(e) => return Err(self.command_error(phase, "HMGET", e.into())),
+                other => return Err(self.unexpected(phase, "HMGET", &other)),
+            };
+            if fields[0] == Value::Nil {
+                continue; // finished since the SCAN
+            }
+            let log = match &fields[1] {
+                Value::BulkString(b) if b.is_empty() => None,
+                Value::BulkString(b) => {
+                    match std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()) {
+                        Some(log) => Some(log),
+                        None => {
+                            warn!(server = %self.server, record = %String::from_utf8_lossy(name), "a prepared record names no readable log id; it is listed without an owner");
+                            None
+                        }
+                    }
+                }
+                _ => None, // prepared before records named their owner
+            };
+            let age = int_of(&fields[2])
+                .map(|at| Duration::from_micros(now.saturating_sub(at)))
+                .unwrap_or(Duration::ZERO);
+            // Two records of one transaction (two Stores on one server and
+            // prefix): listed once, as the older.
+            match out.last_mut() {
+                Some(last) if last.txid == *txid => last.age = last.age.max(age),
+                _ => out.push(InDoubt::new(*txid, log, age)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A non-negative integer reply given as a string (TIME, a record's `t`).
+fn int_of(v: &Value) -> Option<u64> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::Int(i) => u64::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
 fn glob_escape(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     for &b in s {
@@ -478,20 +559,10 @@ impl Recoverable for Store {
         self.inner.resource_id.clone()
     }
 
-    fn in_doubt(&self) -> tm_core::Result<Vec<TxId>> {
-        let mut pattern = glob_escape(&self.inner.prefix);
-        pattern.extend_from_slice(b"{*}:prepared:*");
-        let names = self.inner.scan(&pattern, Phase::Recover)?;
-        let mut ids: Vec<TxId> = names
-            .iter()
-            .filter_map(|n| {
-                let pos = n.windows(10).rposition(|w| w == b":prepared:")?;
-                std::str::from_utf8(&n[pos + 10..]).ok()?.parse().ok()
-            })
-            .collect();
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
+    /// One SCAN of the records, then one request: `HMGET k l t` of each and
+    /// one `TIME`, so every age is measured by the server's own clock.
+    fn in_doubt(&self) -> tm_core::Result<Vec<InDoubt>> {
+        Ok(self.inner.in_doubt()?)
     }
 
     fn commit_prepared(&self, txid: &TxId) -> tm_core::Result<()> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::{FromRedisValue, ServerError, ToSingleRedisArg, Value};
-use tm_core::{DataManager, Phase, ResourceSavepoint, Transaction, TxId};
+use tm_core::{DataManager, LogId, Phase, ResourceSavepoint, Transaction, TxId};
 use tracing::{debug, warn};
 
 use crate::conn::{self, Conn};
@@ -809,7 +809,12 @@ impl RedisTxn {
     /// (`tm_commit`): one call with the layout's KEYS and ARGV `txid nread
     /// [key list] write-set...`. `Ok(None)`: nothing read or written, so
     /// nothing to send.
-    fn call_write_set(&self, st: &mut TxnState, phase: Phase) -> Result<Option<(Layout, Sent)>> {
+    fn call_write_set(
+        &self,
+        st: &mut TxnState,
+        phase: Phase,
+        log: Option<LogId>,
+    ) -> Result<Option<(Layout, Sent)>> {
         if st.stage != Stage::Active {
             return Err(Self::closed());
         }
@@ -831,12 +836,15 @@ impl RedisTxn {
             &mut buf,
             function,
             &layout.keys,
-            2 + usize::from(prepare) + Self::write_set_len(st),
+            2 + 2 * usize::from(prepare) + Self::write_set_len(st),
         );
         conn::arg(&mut buf, self.id.as_bytes());
         conn::arg(&mut buf, nread.as_bytes());
         if let Some(blob) = &blob {
             conn::arg(&mut buf, blob);
+            // The owner: recovery resolves only its own log's records.
+            let log = log.map(|l| l.to_string()).unwrap_or_default();
+            conn::arg(&mut buf, log.as_bytes());
         }
         Self::append_write_set(&mut buf, st, &triple);
         let reply = self.send_checked(st, &buf, function, phase);
@@ -867,8 +875,8 @@ impl RedisTxn {
         }
     }
 
-    fn do_vote(&self, st: &mut TxnState) -> Result<()> {
-        let sent = self.call_write_set(st, Phase::TpcVote);
+    fn do_vote(&self, st: &mut TxnState, log: Option<LogId>) -> Result<()> {
+        let sent = self.call_write_set(st, Phase::TpcVote, log);
         let (layout, reply) = match sent {
             Ok(Some(sent)) => sent,
             Ok(None) => {
@@ -903,7 +911,7 @@ impl RedisTxn {
     }
 
     fn do_commit_one_phase(&self, st: &mut TxnState) -> Result<()> {
-        let Some((layout, reply)) = self.call_write_set(st, Phase::CommitOnePhase)? else {
+        let Some((layout, reply)) = self.call_write_set(st, Phase::CommitOnePhase, None)? else {
             return Ok(());
         };
         match reply.map_err(|(e, _)| e)? {
@@ -1003,9 +1011,9 @@ impl DataManager for RedisTxn {
         Ok(())
     }
 
-    fn tpc_vote(&self, _txn: &Transaction) -> tm_core::Result<()> {
+    fn tpc_vote(&self, txn: &Transaction) -> tm_core::Result<()> {
         let mut st = self.state.lock();
-        Ok(self.do_vote(&mut st)?)
+        Ok(self.do_vote(&mut st, txn.log_id())?)
     }
 
     fn tpc_finish(&self, _txn: &Transaction) -> tm_core::Result<()> {

@@ -8,6 +8,8 @@ use tm_core::{Error as TmError, TransactionManager};
 use tm_redis::testing::TestServer;
 use tm_redis::{Error, Options, Store};
 
+mod support;
+
 fn redis_error(err: &TmError) -> &Error {
     match err {
         TmError::Resource { source, .. } => {
@@ -24,7 +26,7 @@ fn commit_with(
     two_phase: bool,
     stage: impl Fn(&tm_redis::RedisHandle),
 ) -> Result<(), TmError> {
-    let tm = TransactionManager::explicit();
+    let (_dir, tm) = support::logged_manager();
     let txn = tm.begin()?;
     stage(&store.join(&txn)?);
     if two_phase {

@@ -279,14 +279,17 @@ local function release(nread, txid)
 end
 
 -- prepare: KEYS = record, tombstone, untagged tombstone, triples; ARGV =
--- txid, nread, key list (client-built blob, kept for recovery), write-set...
+-- txid, nread, key list (client-built blob, kept for recovery), the
+-- coordinator's log id (empty: none), write-set...
+-- The record also keeps the server's TIME (microseconds): recovery measures
+-- a record's age by the store's own clock, never a client's.
 local function prepare(keys, args)
     K = keys
     local txid = args[1]
     local nread = tonumber(args[2])
     -- One EXISTS probes the tombstones, the record and every lock at once.
     local refused = check_locks(3, nread, txid, { keys[1], keys[2], keys[3] })
-    if refused == nil then refused = validate(3, args, 4) end
+    if refused == nil then refused = validate(3, args, 5) end
     if refused then return redis.error_reply(refused) end
     local writes = {}
     for j = 1, triples(3) do
@@ -299,8 +302,10 @@ local function prepare(keys, args)
     end
     chunked('MSET', writes)
     local ops = {}
-    for k = 4, #args do ops[#ops + 1] = args[k] end
-    redis.call('HSET', keys[1], 'k', args[3], 'w', cmsgpack.pack(ops))
+    for k = 5, #args do ops[#ops + 1] = args[k] end
+    local now = redis.call('TIME')
+    local at = now[1] .. string.format('%06d', tonumber(now[2]))
+    redis.call('HSET', keys[1], 'k', args[3], 'w', cmsgpack.pack(ops), 'l', args[4], 't', at)
     return 1
 end
 
