@@ -36,8 +36,15 @@ pub struct Options {
     /// [`Store::durability`](crate::Store::durability) and warned about once.
     pub require_durable_prepare: bool,
     /// How long an abort's tombstone refuses a late prepare of the same
-    /// transaction. Default 10 minutes.
+    /// transaction, and tells a late finish that it was aborted. Make it
+    /// outlive the longest plausible late prepare. Default 24 hours.
     pub tombstone_ttl: Duration,
+    /// How long a finish's receipt tells a finish sent again (or recovery)
+    /// that the transaction was applied. A finish arriving later than that
+    /// finds neither record nor receipt and is reported lost
+    /// ([`tm_core::Missing::Lost`]): a false alarm, never a false success.
+    /// Default 24 hours.
+    pub receipt_ttl: Duration,
 }
 
 impl Default for Options {
@@ -48,7 +55,8 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
             require_durable_prepare: false,
-            tombstone_ttl: Duration::from_secs(600),
+            tombstone_ttl: Duration::from_secs(24 * 3600),
+            receipt_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -87,6 +95,12 @@ impl Options {
     /// Sets [`Options::tombstone_ttl`].
     pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
         self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// Sets [`Options::receipt_ttl`].
+    pub fn receipt_ttl(mut self, ttl: Duration) -> Self {
+        self.receipt_ttl = ttl;
         self
     }
 }

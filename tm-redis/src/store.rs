@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::{IntoConnectionInfo, Value};
-use tm_core::{InDoubt, Phase, Recoverable, Transaction, TxId, TxIdMap};
+use tm_core::{InDoubt, Missing, Phase, Recoverable, Transaction, TxId, TxIdMap};
 use tracing::{debug, warn};
 
 use crate::conn::{self, Conn};
@@ -380,6 +380,33 @@ impl StoreInner {
         Ok(found)
     }
 
+    /// What is left of `txid` with no record (the receipt and tombstones
+    /// may be under any tag): `Ok` for a receipt, else why it is gone.
+    fn missing_record(&self, txid: &TxId, phase: Phase) -> Result<()> {
+        let id = txid.to_string();
+        let trace = |kind: &str| -> Result<bool> {
+            let mut pattern = glob_escape(&self.prefix);
+            pattern.extend_from_slice(format!("{{*}}:{kind}:{id}").as_bytes());
+            Ok(!self.scan(&pattern, phase)?.is_empty())
+        };
+        if trace("applied")? {
+            debug!(server = %self.server, %txid, "no record, and a receipt (applied before)");
+            Ok(())
+        } else if trace("aborted")? {
+            Err(self.record_missing(txid, Missing::Aborted))
+        } else {
+            Err(self.record_missing(txid, Missing::Lost))
+        }
+    }
+
+    pub(crate) fn record_missing(&self, txid: &TxId, missing: Missing) -> Error {
+        Error::Transaction(tm_core::Error::RecordMissing {
+            resource: self.server.clone(),
+            txid: *txid,
+            missing,
+        })
+    }
+
     fn record_keys(&self, record: &[u8], phase: Phase) -> Result<Option<Vec<u8>>> {
         let mut buf = Vec::new();
         conn::command(&mut buf, &[b"HGET", record, b"k"]);
@@ -565,15 +592,18 @@ impl Recoverable for Store {
         Ok(self.inner.in_doubt()?)
     }
 
+    /// Applies every record of `txid`. With none: `Ok` only if a receipt
+    /// shows it was applied before; a tombstone is `RecordMissing`
+    /// (aborted), neither is `RecordMissing` (lost).
     fn commit_prepared(&self, txid: &TxId) -> tm_core::Result<()> {
         let records = self.inner.find_records(txid, Phase::Recover)?;
         if records.is_empty() {
-            debug!(server = %self.inner.server, %txid, "commit_prepared: no record (already finished)");
+            return Ok(self.inner.missing_record(txid, Phase::Recover)?);
         }
         let id = txid.to_string();
         for (record, blob) in records {
             let layout = self.inner.record_layout(txid, &id, &record, &blob)?;
-            txn::apply(&self.inner, &layout, &id, Phase::Recover)?;
+            txn::apply(&self.inner, &layout, txid, Phase::Recover)?;
         }
         Ok(())
     }
