@@ -11,7 +11,8 @@ use crate::options::Durability;
 /// [`is_retryable`](Error::is_retryable), [`is_conflict`](Error::is_conflict),
 /// [`is_timeout`](Error::is_timeout),
 /// [`is_connection_refusal`](Error::is_connection_refusal),
-/// [`is_connection_dropped`](Error::is_connection_dropped).
+/// [`is_connection_dropped`](Error::is_connection_dropped),
+/// [`is_loading`](Error::is_loading).
 ///
 /// It converts into [`tm_core::Error`] (so `?` works in a `tm.run` closure):
 /// a conflict becomes [`tm_core::Error::Conflict`], an error of tm itself
@@ -184,6 +185,14 @@ impl Error {
             .is_some_and(|e| e.is_connection_dropped() || e.is_io_error())
     }
 
+    /// The server is loading its data (`LOADING`, e.g. just restarted): it
+    /// refused the command without running it.
+    pub fn is_loading(&self) -> bool {
+        self.redis_error().is_some_and(|e| {
+            e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+        })
+    }
+
     /// The phase in which it happened, when known.
     pub fn phase(&self) -> Option<Phase> {
         match self {
@@ -200,9 +209,13 @@ impl Error {
 
     /// Worth retrying the whole transaction: a conflict (a changed read, a
     /// key held by another prepared transaction), missing functions (now
-    /// reloaded), or a connection that broke or timed out before the vote
+    /// reloaded), a server still loading its data (`LOADING`: it ran
+    /// nothing), or a connection that broke or timed out before the vote
     /// (nothing was promised yet).
     pub fn is_retryable(&self) -> bool {
+        if self.is_loading() {
+            return true;
+        }
         match self {
             Error::Conflict { .. } | Error::FunctionMissing { .. } => true,
             Error::Connect { source, .. } => source.is_io_error() || source.is_connection_dropped(),
