@@ -37,6 +37,22 @@ pub enum Error {
         #[source]
         source: redis::RedisError,
     },
+    /// The server could not be reached again within
+    /// [`Options::reconnect_deadline`](crate::Options::reconnect_deadline)
+    /// (it died, or the network is down). Not retryable: the retries are
+    /// spent.
+    #[error("{server}: unreachable at {phase}; gave up reconnecting after {waited:?}")]
+    Unavailable {
+        /// The server.
+        server: String,
+        /// The protocol phase.
+        phase: Phase,
+        /// How long reconnecting was tried.
+        waited: std::time::Duration,
+        /// The last connect error.
+        #[source]
+        source: redis::RedisError,
+    },
     /// A command failed: the connection broke or timed out, or the server
     /// answered with an error.
     #[error("{server}: {command} failed at {phase}: {source}")]
@@ -158,7 +174,9 @@ impl Error {
     /// The underlying client error, if any.
     pub fn redis_error(&self) -> Option<&redis::RedisError> {
         match self {
-            Error::Connect { source, .. } | Error::Command { source, .. } => Some(source),
+            Error::Connect { source, .. }
+            | Error::Command { source, .. }
+            | Error::Unavailable { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -201,7 +219,8 @@ impl Error {
             | Error::Invalid { phase, .. }
             | Error::FunctionMissing { phase, .. }
             | Error::PartialApply { phase, .. }
-            | Error::UnexpectedReply { phase, .. } => Some(*phase),
+            | Error::UnexpectedReply { phase, .. }
+            | Error::Unavailable { phase, .. } => Some(*phase),
             Error::Connect { .. } => Some(Phase::Open),
             _ => None,
         }
@@ -215,6 +234,9 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         if self.is_loading() {
             return true;
+        }
+        if let Error::Unavailable { .. } = self {
+            return false;
         }
         match self {
             Error::Conflict { .. } | Error::FunctionMissing { .. } => true,
@@ -250,7 +272,8 @@ impl Error {
             | Error::PartialApply { server, .. }
             | Error::ReadAfterWrite { server, .. }
             | Error::NotDurable { server, .. }
-            | Error::UnexpectedReply { server, .. } => Some(server),
+            | Error::UnexpectedReply { server, .. }
+            | Error::Unavailable { server, .. } => Some(server),
             _ => None,
         }
     }

@@ -30,6 +30,12 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Read and write timeout of every command. Default 5 s.
     pub response_timeout: Duration,
+    /// How long a new connection is retried (with backoff) while the
+    /// server cannot be reached, before the operation fails with
+    /// [`Error::Unavailable`](crate::Error::Unavailable), which is not
+    /// retryable. Rides out a restart; never retries a dead server forever.
+    /// Not used by `open`, which fails at once. Default 3 s.
+    pub reconnect_deadline: Duration,
     /// Fail `open` when the server's settings would lose a prepare (AOF off,
     /// `appendfsync` not `always`, an eviction policy that may evict tm's
     /// keys). Default `false`: such a server is reported by
@@ -54,6 +60,7 @@ impl Default for Options {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
+            reconnect_deadline: Duration::from_secs(3),
             require_durable_prepare: false,
             tombstone_ttl: Duration::from_secs(24 * 3600),
             receipt_ttl: Duration::from_secs(24 * 3600),
@@ -83,6 +90,12 @@ impl Options {
     /// Sets [`Options::response_timeout`].
     pub fn response_timeout(mut self, timeout: Duration) -> Self {
         self.response_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Options::reconnect_deadline`].
+    pub fn reconnect_deadline(mut self, deadline: Duration) -> Self {
+        self.reconnect_deadline = deadline;
         self
     }
 

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::{IntoConnectionInfo, Value};
@@ -284,13 +284,42 @@ impl StoreInner {
         })
     }
 
-    /// An idle connection, or a new one.
-    pub(crate) fn connection(&self) -> Result<Conn> {
+    /// An idle connection, or a new one ([`reconnect`](Self::reconnect)).
+    pub(crate) fn connection(&self, phase: Phase) -> Result<Conn> {
         if let Some(mut c) = self.idle.lock().pop() {
             c.pooled = true;
             return Ok(c);
         }
-        self.connect()
+        self.reconnect(phase)
+    }
+
+    /// A new connection, retried with backoff while the server cannot be
+    /// reached, until [`Options::reconnect_deadline`]: a restart is ridden
+    /// out, a dead server is reported ([`Error::Unavailable`], not
+    /// retryable) instead of being retried forever.
+    pub(crate) fn reconnect(&self, phase: Phase) -> Result<Conn> {
+        let started = Instant::now();
+        let deadline = started + self.options.reconnect_deadline;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let source = match self.connect() {
+                Ok(conn) => return Ok(conn),
+                Err(Error::Connect { source, .. }) => source,
+                Err(other) => return Err(other),
+            };
+            let now = Instant::now();
+            if now + pause >= deadline {
+                return Err(Error::Unavailable {
+                    server: self.server.clone(),
+                    phase,
+                    waited: now - started,
+                    source,
+                });
+            }
+            debug!(server = %self.server, error = %source, "cannot connect; retrying");
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
     }
 
     /// Returns a healthy connection to the pool (or closes it when full).
@@ -310,14 +339,14 @@ impl StoreInner {
         packed: &[u8],
         count: usize,
     ) -> Result<Vec<Value>> {
-        let mut conn = self.connection()?;
+        let mut conn = self.connection(phase)?;
         let first = conn.request(packed, count);
         let replies = match first {
             Ok(r) => r,
             Err(e) if conn.pooled && (e.is_io_error() || e.is_connection_dropped()) => {
                 debug!(server = %self.server, error = %e, "idle connection was dead; retrying on a new one");
                 self.idle.lock().clear();
-                conn = self.connect()?;
+                conn = self.reconnect(phase)?;
                 conn.request(packed, count)
                     .map_err(|source| self.command_error(phase, command, source))?
             }

@@ -480,7 +480,7 @@ impl RedisTxn {
         let count = if new.is_empty() { 1 } else { 2 };
         let mut conn = match st.conn.take() {
             Some(c) => c,
-            None => self.store.connection()?,
+            None => self.store.connection(Phase::Work)?,
         };
         let replies = match conn.request(&buf, count) {
             Ok(r) => r,
@@ -492,7 +492,7 @@ impl RedisTxn {
                 // A dead idle connection, and no WATCH lost: a new one will do.
                 drop(conn);
                 let _ = self.store.command_error(Phase::Work, command, e);
-                conn = self.store.connection()?;
+                conn = self.store.connection(Phase::Work)?;
                 match conn.request(&buf, count) {
                     Ok(r) => r,
                     Err(source) => {
@@ -809,7 +809,7 @@ impl RedisTxn {
     ) -> std::result::Result<Vec<Value>, Unsent> {
         let mut conn = match st.conn.take() {
             Some(c) => c,
-            None => self.store.connection().map_err(|e| (e, false))?,
+            None => self.store.connection(phase).map_err(|e| (e, false))?,
         };
         let replies = match conn.request(buf, count) {
             Ok(r) => r,

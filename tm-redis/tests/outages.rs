@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use tm_core::{Error as TmError, TransactionManager};
 use tm_redis::testing::TestServer;
-use tm_redis::{Error, Store};
+use tm_redis::{Error, Options, Store};
 
 mod support;
 use support::raw;
@@ -72,4 +72,69 @@ fn loading_after_a_restart_is_retryable_and_a_retry_succeeds() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(store.get::<i64>("n").unwrap(), Some(1));
+}
+
+#[test]
+fn a_killed_server_fails_the_next_operation_within_the_deadline_naming_the_server() {
+    assert_eq!(
+        Options::default().reconnect_deadline,
+        Duration::from_secs(3)
+    );
+    let mut server = TestServer::start();
+    let deadline = Duration::from_millis(800);
+    let options = Options::default().reconnect_deadline(deadline);
+    let store = Store::open_with(&server.url(), options).unwrap();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .retry_attempt_count(20)
+        .build();
+    read_and_write(&tm, &store).unwrap();
+    server.kill(); // SIGKILL
+
+    let started = Instant::now();
+    let (err, retry) = read_and_write(&tm, &store).unwrap_err();
+    let took = started.elapsed();
+    assert!(took < deadline + Duration::from_secs(1), "{took:?}");
+    assert!(err.to_string().contains(store.server()), "{err}");
+    let redis = redis_error(&err);
+    assert!(
+        matches!(
+            redis,
+            Error::Unavailable {
+                phase: tm_core::Phase::Work,
+                ..
+            }
+        ),
+        "{redis:?}"
+    );
+    assert!(
+        !retry,
+        "retrying a dead server is what hung the bank: {err}"
+    );
+
+    // tm.run with 20 attempts gives up after one deadline, not twenty.
+    let started = Instant::now();
+    let result = tm.run(|txn| {
+        let r = store.join(txn)?;
+        r.set("n", 1)?;
+        Ok::<_, TmError>(())
+    });
+    assert!(result.is_err());
+    assert!(
+        started.elapsed() < deadline + Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_server_restarted_within_the_deadline_is_ridden_out() {
+    let mut server = TestServer::builder().fsync_always(true).start();
+    let store = Store::open(&server.url()).unwrap(); // 3 s deadline
+    let tm = TransactionManager::explicit();
+    read_and_write(&tm, &store).unwrap();
+    server.kill_and_restart();
+    // The pooled connections are dead; a new one is found.
+    read_and_write(&tm, &store).unwrap();
+    assert_eq!(store.get::<i64>("n").unwrap(), Some(2));
 }
