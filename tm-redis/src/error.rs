@@ -11,7 +11,8 @@ use crate::options::Durability;
 /// [`is_retryable`](Error::is_retryable), [`is_conflict`](Error::is_conflict),
 /// [`is_timeout`](Error::is_timeout),
 /// [`is_connection_refusal`](Error::is_connection_refusal),
-/// [`is_connection_dropped`](Error::is_connection_dropped).
+/// [`is_connection_dropped`](Error::is_connection_dropped),
+/// [`is_loading`](Error::is_loading).
 ///
 /// It converts into [`tm_core::Error`] (so `?` works in a `tm.run` closure):
 /// a conflict becomes [`tm_core::Error::Conflict`], an error of tm itself
@@ -33,6 +34,22 @@ pub enum Error {
         /// The server's URL (without password).
         url: String,
         /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The server could not be reached again within
+    /// [`Options::reconnect_deadline`](crate::Options::reconnect_deadline)
+    /// (it died, or the network is down). Not retryable: the retries are
+    /// spent.
+    #[error("{server}: unreachable at {phase}; gave up reconnecting after {waited:?}")]
+    Unavailable {
+        /// The server.
+        server: String,
+        /// The protocol phase.
+        phase: Phase,
+        /// How long reconnecting was tried.
+        waited: std::time::Duration,
+        /// The last connect error.
         #[source]
         source: redis::RedisError,
     },
@@ -157,7 +174,9 @@ impl Error {
     /// The underlying client error, if any.
     pub fn redis_error(&self) -> Option<&redis::RedisError> {
         match self {
-            Error::Connect { source, .. } | Error::Command { source, .. } => Some(source),
+            Error::Connect { source, .. }
+            | Error::Command { source, .. }
+            | Error::Unavailable { source, .. } => Some(source),
             _ => None,
         }
     }
@@ -184,6 +203,14 @@ impl Error {
             .is_some_and(|e| e.is_connection_dropped() || e.is_io_error())
     }
 
+    /// The server is loading its data (`LOADING`, e.g. just restarted): it
+    /// refused the command without running it.
+    pub fn is_loading(&self) -> bool {
+        self.redis_error().is_some_and(|e| {
+            e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+        })
+    }
+
     /// The phase in which it happened, when known.
     pub fn phase(&self) -> Option<Phase> {
         match self {
@@ -192,7 +219,8 @@ impl Error {
             | Error::Invalid { phase, .. }
             | Error::FunctionMissing { phase, .. }
             | Error::PartialApply { phase, .. }
-            | Error::UnexpectedReply { phase, .. } => Some(*phase),
+            | Error::UnexpectedReply { phase, .. }
+            | Error::Unavailable { phase, .. } => Some(*phase),
             Error::Connect { .. } => Some(Phase::Open),
             _ => None,
         }
@@ -200,9 +228,16 @@ impl Error {
 
     /// Worth retrying the whole transaction: a conflict (a changed read, a
     /// key held by another prepared transaction), missing functions (now
-    /// reloaded), or a connection that broke or timed out before the vote
+    /// reloaded), a server still loading its data (`LOADING`: it ran
+    /// nothing), or a connection that broke or timed out before the vote
     /// (nothing was promised yet).
     pub fn is_retryable(&self) -> bool {
+        if self.is_loading() {
+            return true;
+        }
+        if let Error::Unavailable { .. } = self {
+            return false;
+        }
         match self {
             Error::Conflict { .. } | Error::FunctionMissing { .. } => true,
             Error::Connect { source, .. } => source.is_io_error() || source.is_connection_dropped(),
@@ -237,7 +272,8 @@ impl Error {
             | Error::PartialApply { server, .. }
             | Error::ReadAfterWrite { server, .. }
             | Error::NotDurable { server, .. }
-            | Error::UnexpectedReply { server, .. } => Some(server),
+            | Error::UnexpectedReply { server, .. }
+            | Error::Unavailable { server, .. } => Some(server),
             _ => None,
         }
     }

@@ -58,8 +58,9 @@
 //! |---|---|---|
 //! | `<prefix>{<tag>}:lock:<key>` | string | the txid of the prepared writer of `<key>` |
 //! | `<prefix>{<tag>}:rlock:<key>` | set | the txids of prepared readers of `<key>` |
-//! | `<prefix>{<tag>}:prepared:<txid>` | hash | `k` key list, `w` write-set |
+//! | `<prefix>{<tag>}:prepared:<txid>` | hash | `k` key list, `w` write-set, `l` the coordinator's [`tm_core::LogId`] (empty: none), `t` the server's `TIME` at prepare (µs) |
 //! | `<prefix>{<tag>}:aborted:<txid>` | string, TTL | tombstone of an abort (`{}`: of an `abort_prepared` that found no record) |
+//! | `<prefix>{<tag>}:applied:<txid>` | string, TTL | receipt of an apply ([`Options::receipt_ttl`]) |
 //!
 //! For a lock, `<tag>` is the data key's own hash tag (empty if it has
 //! none); for a record and a tombstone, the tag all the transaction's keys
@@ -69,8 +70,21 @@
 //! ## Recovery
 //!
 //! [`Store`] is [`tm_core::Recoverable`]: `in_doubt` scans the prepared
-//! records, `commit_prepared` / `abort_prepared` are apply / abort, both
-//! idempotent. Limit: a command buffered with [`RedisHandle::queue`] cannot
+//! records and lists each with its owner (the log id of the coordinator that
+//! prepared it, from [`tm_core::Transaction::log_id`]) and its age, measured
+//! by the server's clock (`TIME` now minus `TIME` at prepare: one `TIME` per
+//! listing, never the client's clock). `commit_prepared` / `abort_prepared`
+//! are apply / abort, both idempotent.
+//!
+//! A missing record is never taken for success. A finish (`tpc_finish` or
+//! `commit_prepared`) that finds no record answers from what is left: the
+//! apply's receipt (finished before: `Ok`), a tombstone
+//! ([`tm_core::Error::RecordMissing`] with [`tm_core::Missing::Aborted`]),
+//! or neither ([`tm_core::Missing::Lost`]: e.g. a failover to a replica
+//! that lacked the record). Receipts and tombstones live for
+//! [`Options::receipt_ttl`] and [`Options::tombstone_ttl`] (24 h each by
+//! default): a finish arriving later than that is reported lost, a false
+//! alarm but never a false success. Limit: a command buffered with [`RedisHandle::queue`] cannot
 //! be simulated at the vote; if it fails when applied, the rest is applied
 //! and the finish fails with [`Error::PartialApply`] (a heuristic outcome).
 //!

@@ -30,14 +30,27 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Read and write timeout of every command. Default 5 s.
     pub response_timeout: Duration,
+    /// How long a new connection is retried (with backoff) while the
+    /// server cannot be reached, before the operation fails with
+    /// [`Error::Unavailable`](crate::Error::Unavailable), which is not
+    /// retryable. Rides out a restart; never retries a dead server forever.
+    /// Not used by `open`, which fails at once. Default 3 s.
+    pub reconnect_deadline: Duration,
     /// Fail `open` when the server's settings would lose a prepare (AOF off,
     /// `appendfsync` not `always`, an eviction policy that may evict tm's
     /// keys). Default `false`: such a server is reported by
     /// [`Store::durability`](crate::Store::durability) and warned about once.
     pub require_durable_prepare: bool,
     /// How long an abort's tombstone refuses a late prepare of the same
-    /// transaction. Default 10 minutes.
+    /// transaction, and tells a late finish that it was aborted. Make it
+    /// outlive the longest plausible late prepare. Default 24 hours.
     pub tombstone_ttl: Duration,
+    /// How long a finish's receipt tells a finish sent again (or recovery)
+    /// that the transaction was applied. A finish arriving later than that
+    /// finds neither record nor receipt and is reported lost
+    /// ([`tm_core::Missing::Lost`]): a false alarm, never a false success.
+    /// Default 24 hours.
+    pub receipt_ttl: Duration,
 }
 
 impl Default for Options {
@@ -47,8 +60,10 @@ impl Default for Options {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
+            reconnect_deadline: Duration::from_secs(3),
             require_durable_prepare: false,
-            tombstone_ttl: Duration::from_secs(600),
+            tombstone_ttl: Duration::from_secs(24 * 3600),
+            receipt_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -78,6 +93,12 @@ impl Options {
         self
     }
 
+    /// Sets [`Options::reconnect_deadline`].
+    pub fn reconnect_deadline(mut self, deadline: Duration) -> Self {
+        self.reconnect_deadline = deadline;
+        self
+    }
+
     /// Sets [`Options::require_durable_prepare`].
     pub fn require_durable_prepare(mut self, on: bool) -> Self {
         self.require_durable_prepare = on;
@@ -87,6 +108,12 @@ impl Options {
     /// Sets [`Options::tombstone_ttl`].
     pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
         self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// Sets [`Options::receipt_ttl`].
+    pub fn receipt_ttl(mut self, ttl: Duration) -> Self {
+        self.receipt_ttl = ttl;
         self
     }
 }

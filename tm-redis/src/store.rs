@@ -3,10 +3,11 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::{IntoConnectionInfo, Value};
-use tm_core::{Phase, Recoverable, Transaction, TxId, TxIdMap};
+use tm_core::{InDoubt, Missing, Phase, Recoverable, Transaction, TxId, TxIdMap};
 use tracing::{debug, warn};
 
 use crate::conn::{self, Conn};
@@ -283,13 +284,42 @@ impl StoreInner {
         })
     }
 
-    /// An idle connection, or a new one.
-    pub(crate) fn connection(&self) -> Result<Conn> {
+    /// An idle connection, or a new one ([`reconnect`](Self::reconnect)).
+    pub(crate) fn connection(&self, phase: Phase) -> Result<Conn> {
         if let Some(mut c) = self.idle.lock().pop() {
             c.pooled = true;
             return Ok(c);
         }
-        self.connect()
+        self.reconnect(phase)
+    }
+
+    /// A new connection, retried with backoff while the server cannot be
+    /// reached, until [`Options::reconnect_deadline`]: a restart is ridden
+    /// out, a dead server is reported ([`Error::Unavailable`], not
+    /// retryable) instead of being retried forever.
+    pub(crate) fn reconnect(&self, phase: Phase) -> Result<Conn> {
+        let started = Instant::now();
+        let deadline = started + self.options.reconnect_deadline;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let source = match self.connect() {
+                Ok(conn) => return Ok(conn),
+                Err(Error::Connect { source, .. }) => source,
+                Err(other) => return Err(other),
+            };
+            let now = Instant::now();
+            if now + pause >= deadline {
+                return Err(Error::Unavailable {
+                    server: self.server.clone(),
+                    phase,
+                    waited: now - started,
+                    source,
+                });
+            }
+            debug!(server = %self.server, error = %source, "cannot connect; retrying");
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
     }
 
     /// Returns a healthy connection to the pool (or closes it when full).
@@ -309,14 +339,14 @@ impl StoreInner {
         packed: &[u8],
         count: usize,
     ) -> Result<Vec<Value>> {
-        let mut conn = self.connection()?;
+        let mut conn = self.connection(phase)?;
         let first = conn.request(packed, count);
         let replies = match first {
             Ok(r) => r,
             Err(e) if conn.pooled && (e.is_io_error() || e.is_connection_dropped()) => {
                 debug!(server = %self.server, error = %e, "idle connection was dead; retrying on a new one");
                 self.idle.lock().clear();
-                conn = self.connect()?;
+                conn = self.reconnect(phase)?;
                 conn.request(packed, count)
                     .map_err(|source| self.command_error(phase, command, source))?
             }
@@ -377,6 +407,33 @@ impl StoreInner {
             }
         }
         Ok(found)
+    }
+
+    /// What is left of `txid` with no record (the receipt and tombstones
+    /// may be under any tag): `Ok` for a receipt, else why it is gone.
+    fn missing_record(&self, txid: &TxId, phase: Phase) -> Result<()> {
+        let id = txid.to_string();
+        let trace = |kind: &str| -> Result<bool> {
+            let mut pattern = glob_escape(&self.prefix);
+            pattern.extend_from_slice(format!("{{*}}:{kind}:{id}").as_bytes());
+            Ok(!self.scan(&pattern, phase)?.is_empty())
+        };
+        if trace("applied")? {
+            debug!(server = %self.server, %txid, "no record, and a receipt (applied before)");
+            Ok(())
+        } else if trace("aborted")? {
+            Err(self.record_missing(txid, Missing::Aborted))
+        } else {
+            Err(self.record_missing(txid, Missing::Lost))
+        }
+    }
+
+    pub(crate) fn record_missing(&self, txid: &TxId, missing: Missing) -> Error {
+        Error::Transaction(tm_core::Error::RecordMissing {
+            resource: self.server.clone(),
+            txid: *txid,
+            missing,
+        })
     }
 
     fn record_keys(&self, record: &[u8], phase: Phase) -> Result<Option<Vec<u8>>> {
@@ -462,6 +519,86 @@ impl StoreInner {
     }
 }
 
+impl StoreInner {
+    fn in_doubt(&self) -> Result<Vec<InDoubt>> {
+        let phase = Phase::Recover;
+        let mut pattern = glob_escape(&self.prefix);
+        pattern.extend_from_slice(b"{*}:prepared:*");
+        let names = self.scan(&pattern, phase)?;
+        let mut records: Vec<(TxId, &[u8])> = names
+            .iter()
+            .filter_map(|n| {
+                let pos = n.windows(10).rposition(|w| w == b":prepared:")?;
+                let txid = std::str::from_utf8(&n[pos + 10..]).ok()?.parse().ok()?;
+                Some((txid, n.as_slice()))
+            })
+            .collect();
+        records.sort();
+        let mut buf = Vec::new();
+        for (_, name) in &records {
+            conn::command(&mut buf, &[b"HMGET", name, b"k", b"l", b"t"]);
+        }
+        conn::command(&mut buf, &[b"TIME"]);
+        let mut replies = self.call_idempotent(phase, "HMGET", &buf, records.len() + 1)?;
+        let time = replies.pop().unwrap_or(Value::Nil);
+        let now = match &time {
+            Value::Array(t) if t.len() == 2 => int_of(&t[0])
+                .zip(int_of(&t[1]))
+                .map(|(secs, micros)| secs * 1_000_000 + micros),
+            Value::ServerError(e) => {
+                return Err(self.command_error(phase, "TIME", e.clone().into()))
+            }
+            _ => None,
+        };
+        let Some(now) = now else {
+            return Err(self.unexpected(phase, "TIME", &time));
+        };
+        let mut out: Vec<InDoubt> = Vec::with_capacity(records.len());
+        for ((txid, name), reply) in records.iter().zip(replies) {
+            let fields = match reply {
+                Value::Array(f) if f.len() == 3 => f,
+                Value::ServerError(e) => return Err(self.command_error(phase, "HMGET", e.into())),
+                other => return Err(self.unexpected(phase, "HMGET", &other)),
+            };
+            if fields[0] == Value::Nil {
+                continue; // finished since the SCAN
+            }
+            let log = match &fields[1] {
+                Value::BulkString(b) if b.is_empty() => None,
+                Value::BulkString(b) => {
+                    match std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()) {
+                        Some(log) => Some(log),
+                        None => {
+                            warn!(server = %self.server, record = %String::from_utf8_lossy(name), "a prepared record names no readable log id; it is listed without an owner");
+                            None
+                        }
+                    }
+                }
+                _ => None, // prepared before records named their owner
+            };
+            let age = int_of(&fields[2])
+                .map(|at| Duration::from_micros(now.saturating_sub(at)))
+                .unwrap_or(Duration::ZERO);
+            // Two records of one transaction (two Stores on one server and
+            // prefix): listed once, as the older.
+            match out.last_mut() {
+                Some(last) if last.txid == *txid => last.age = last.age.max(age),
+                _ => out.push(InDoubt::new(*txid, log, age)),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A non-negative integer reply given as a string (TIME, a record's `t`).
+fn int_of(v: &Value) -> Option<u64> {
+    match v {
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::Int(i) => u64::try_from(*i).ok(),
+        _ => None,
+    }
+}
+
 fn glob_escape(s: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len());
     for &b in s {
@@ -478,31 +615,24 @@ impl Recoverable for Store {
         self.inner.resource_id.clone()
     }
 
-    fn in_doubt(&self) -> tm_core::Result<Vec<TxId>> {
-        let mut pattern = glob_escape(&self.inner.prefix);
-        pattern.extend_from_slice(b"{*}:prepared:*");
-        let names = self.inner.scan(&pattern, Phase::Recover)?;
-        let mut ids: Vec<TxId> = names
-            .iter()
-            .filter_map(|n| {
-                let pos = n.windows(10).rposition(|w| w == b":prepared:")?;
-                std::str::from_utf8(&n[pos + 10..]).ok()?.parse().ok()
-            })
-            .collect();
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
+    /// One SCAN of the records, then one request: `HMGET k l t` of each and
+    /// one `TIME`, so every age is measured by the server's own clock.
+    fn in_doubt(&self) -> tm_core::Result<Vec<InDoubt>> {
+        Ok(self.inner.in_doubt()?)
     }
 
+    /// Applies every record of `txid`. With none: `Ok` only if a receipt
+    /// shows it was applied before; a tombstone is `RecordMissing`
+    /// (aborted), neither is `RecordMissing` (lost).
     fn commit_prepared(&self, txid: &TxId) -> tm_core::Result<()> {
         let records = self.inner.find_records(txid, Phase::Recover)?;
         if records.is_empty() {
-            debug!(server = %self.inner.server, %txid, "commit_prepared: no record (already finished)");
+            return Ok(self.inner.missing_record(txid, Phase::Recover)?);
         }
         let id = txid.to_string();
         for (record, blob) in records {
             let layout = self.inner.record_layout(txid, &id, &record, &blob)?;
-            txn::apply(&self.inner, &layout, &id, Phase::Recover)?;
+            txn::apply(&self.inner, &layout, txid, Phase::Recover)?;
         }
         Ok(())
     }

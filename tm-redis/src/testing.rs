@@ -77,7 +77,7 @@ impl TestServerBuilder {
         let mut last = String::new();
         for _ in 0..5 {
             server.port = free_port();
-            match server.spawn() {
+            match server.spawn(true) {
                 Ok(()) => return server,
                 Err(err) => last = err,
             }
@@ -150,7 +150,18 @@ impl TestServer {
     /// AOF. Panics if it does not come up.
     pub fn restart(&mut self) {
         self.kill();
-        if let Err(err) = self.spawn() {
+        if let Err(err) = self.spawn(true) {
+            panic!("could not restart redis-server: {err}");
+        }
+    }
+
+    /// Like [`restart`](Self::restart), but returns as soon as the server
+    /// answers at all, while it may still be loading its AOF (replying
+    /// `LOADING`). Use with the option `key-load-delay` (µs per key) to make
+    /// loading last.
+    pub fn restart_loading(&mut self) {
+        self.kill();
+        if let Err(err) = self.spawn(false) {
             panic!("could not restart redis-server: {err}");
         }
     }
@@ -161,7 +172,9 @@ impl TestServer {
         self.restart();
     }
 
-    fn spawn(&mut self) -> Result<(), String> {
+    /// Starts the process; waits until it answers PONG (`loaded`), or any
+    /// reply, `LOADING` included.
+    fn spawn(&mut self, loaded: bool) -> Result<(), String> {
         let dir = self.dir.path.clone();
         let log = dir.join("redis.log");
         let mut cmd = Command::new("redis-server");
@@ -218,7 +231,11 @@ impl TestServer {
             let pong = client
                 .get_connection_with_timeout(Duration::from_millis(500))
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-            if matches!(pong.as_deref(), Ok("PONG")) {
+            let answered = match &pong {
+                Ok(p) => p == "PONG",
+                Err(e) => !loaded && e.code() == Some("LOADING"),
+            };
+            if answered {
                 self.child = Some(child);
                 return Ok(());
             }

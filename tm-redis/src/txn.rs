@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::{FromRedisValue, ServerError, ToSingleRedisArg, Value};
-use tm_core::{DataManager, Phase, ResourceSavepoint, Transaction, TxId};
+use tm_core::{DataManager, LogId, Missing, Phase, ResourceSavepoint, Transaction, TxId};
 use tracing::{debug, warn};
 
 use crate::conn::{self, Conn};
@@ -94,12 +94,12 @@ type Unsent = (Error, bool);
 type Sent = std::result::Result<Value, Unsent>;
 
 /// The KEYS of a transaction's function calls: `[record, tombstone,
-/// untagged tombstone,]` then a triple (data key, write lock, read lock) per
+/// untagged tombstone, receipt,]` then a triple (data key, write lock, read lock) per
 /// key, the keys only read first.
 pub(crate) struct Layout {
     keys: Vec<Vec<u8>>,
     nread: usize,
-    /// Where the triples start in `keys` (3 with a record, else 0).
+    /// Where the triples start in `keys` (4 with a record, else 0).
     base: usize,
 }
 
@@ -119,7 +119,7 @@ impl Layout {
         nread: usize,
         with_record: bool,
     ) -> Layout {
-        let mut keys = Vec::with_capacity(2 + 3 * data.len());
+        let mut keys = Vec::with_capacity(4 + 3 * data.len());
         if with_record {
             let id = txid.to_string();
             keys.push(store.tm_key(record_tag, "prepared", id.as_bytes()));
@@ -127,6 +127,7 @@ impl Layout {
             // Where `abort_prepared` leaves the tombstone when it finds no
             // record (it cannot know the tag): a late prepare checks it too.
             keys.push(store.tm_key(b"", "aborted", id.as_bytes()));
+            keys.push(store.tm_key(record_tag, "applied", id.as_bytes()));
         }
         let base = keys.len();
         for &k in data {
@@ -220,37 +221,51 @@ fn call_idempotent_function(
     unreachable!("the second attempt returns")
 }
 
-/// Finishes a prepared transaction: `FCALL tm_apply`. Idempotent.
-pub(crate) fn apply(store: &StoreInner, layout: &Layout, txid: &str, phase: Phase) -> Result<()> {
+/// Finishes a prepared transaction: `FCALL tm_apply`. Idempotent: `Ok`
+/// when its receipt shows it was applied before. A record gone otherwise is
+/// never `Ok`: [`tm_core::Error::RecordMissing`], aborted (a tombstone) or
+/// lost (neither).
+pub(crate) fn apply(store: &StoreInner, layout: &Layout, txid: &TxId, phase: Phase) -> Result<()> {
+    let id = txid.to_string();
     let nread = layout.nread.to_string();
+    let ttl = ttl_ms(store.options.receipt_ttl);
     let reply = call_idempotent_function(
         store,
         "tm_apply",
         layout,
-        &[txid.as_bytes(), nread.as_bytes()],
+        &[id.as_bytes(), nread.as_bytes(), ttl.as_bytes()],
         phase,
     )?;
     match reply {
-        Value::Int(0) => {
-            debug!(server = %store.server, txid, "apply: no record (already finished)");
-            Ok(())
-        }
         Value::Array(failures) if failures.is_empty() => Ok(()),
         Value::Array(failures) => Err(Error::PartialApply {
             server: store.server.clone(),
             phase,
-            txid: txid.to_owned(),
+            txid: id,
             failures: failures.iter().map(lossy).collect(),
         }),
+        Value::SimpleString(s) if s == "APPLIED" => {
+            debug!(server = %store.server, %txid, "apply: no record, and a receipt (applied before)");
+            Ok(())
+        }
+        Value::SimpleString(s) if s == "ABORTED" => {
+            Err(store.record_missing(txid, Missing::Aborted))
+        }
+        Value::SimpleString(s) if s == "LOST" => Err(store.record_missing(txid, Missing::Lost)),
         other => Err(store.unexpected(phase, "tm_apply", &other)),
     }
+}
+
+/// A TTL in whole milliseconds, at least 1 (Redis refuses `PX 0`).
+fn ttl_ms(ttl: Duration) -> String {
+    ttl.as_millis().max(1).to_string()
 }
 
 /// Aborts on the server: `FCALL tm_abort` (releases a prepare if there is
 /// one, leaves a tombstone). Idempotent.
 pub(crate) fn abort(store: &StoreInner, layout: &Layout, txid: &str, phase: Phase) -> Result<()> {
     let nread = layout.nread.to_string();
-    let ttl = store.options.tombstone_ttl.as_millis().max(1).to_string();
+    let ttl = ttl_ms(store.options.tombstone_ttl);
     call_idempotent_function(
         store,
         "tm_abort",
@@ -465,7 +480,7 @@ impl RedisTxn {
         let count = if new.is_empty() { 1 } else { 2 };
         let mut conn = match st.conn.take() {
             Some(c) => c,
-            None => self.store.connection()?,
+            None => self.store.connection(Phase::Work)?,
         };
         let replies = match conn.request(&buf, count) {
             Ok(r) => r,
@@ -477,7 +492,7 @@ impl RedisTxn {
                 // A dead idle connection, and no WATCH lost: a new one will do.
                 drop(conn);
                 let _ = self.store.command_error(Phase::Work, command, e);
-                conn = self.store.connection()?;
+                conn = self.store.connection(Phase::Work)?;
                 match conn.request(&buf, count) {
                     Ok(r) => r,
                     Err(source) => {
@@ -794,7 +809,7 @@ impl RedisTxn {
     ) -> std::result::Result<Vec<Value>, Unsent> {
         let mut conn = match st.conn.take() {
             Some(c) => c,
-            None => self.store.connection().map_err(|e| (e, false))?,
+            None => self.store.connection(phase).map_err(|e| (e, false))?,
         };
         let replies = match conn.request(buf, count) {
             Ok(r) => r,
@@ -809,7 +824,12 @@ impl RedisTxn {
     /// (`tm_commit`): one call with the layout's KEYS and ARGV `txid nread
     /// [key list] write-set...`. `Ok(None)`: nothing read or written, so
     /// nothing to send.
-    fn call_write_set(&self, st: &mut TxnState, phase: Phase) -> Result<Option<(Layout, Sent)>> {
+    fn call_write_set(
+        &self,
+        st: &mut TxnState,
+        phase: Phase,
+        log: Option<LogId>,
+    ) -> Result<Option<(Layout, Sent)>> {
         if st.stage != Stage::Active {
             return Err(Self::closed());
         }
@@ -831,12 +851,15 @@ impl RedisTxn {
             &mut buf,
             function,
             &layout.keys,
-            2 + usize::from(prepare) + Self::write_set_len(st),
+            2 + 2 * usize::from(prepare) + Self::write_set_len(st),
         );
         conn::arg(&mut buf, self.id.as_bytes());
         conn::arg(&mut buf, nread.as_bytes());
         if let Some(blob) = &blob {
             conn::arg(&mut buf, blob);
+            // The owner: recovery resolves only its own log's records.
+            let log = log.map(|l| l.to_string()).unwrap_or_default();
+            conn::arg(&mut buf, log.as_bytes());
         }
         Self::append_write_set(&mut buf, st, &triple);
         let reply = self.send_checked(st, &buf, function, phase);
@@ -867,8 +890,8 @@ impl RedisTxn {
         }
     }
 
-    fn do_vote(&self, st: &mut TxnState) -> Result<()> {
-        let sent = self.call_write_set(st, Phase::TpcVote);
+    fn do_vote(&self, st: &mut TxnState, log: Option<LogId>) -> Result<()> {
+        let sent = self.call_write_set(st, Phase::TpcVote, log);
         let (layout, reply) = match sent {
             Ok(Some(sent)) => sent,
             Ok(None) => {
@@ -903,7 +926,7 @@ impl RedisTxn {
     }
 
     fn do_commit_one_phase(&self, st: &mut TxnState) -> Result<()> {
-        let Some((layout, reply)) = self.call_write_set(st, Phase::CommitOnePhase)? else {
+        let Some((layout, reply)) = self.call_write_set(st, Phase::CommitOnePhase, None)? else {
             return Ok(());
         };
         match reply.map_err(|(e, _)| e)? {
@@ -1003,9 +1026,9 @@ impl DataManager for RedisTxn {
         Ok(())
     }
 
-    fn tpc_vote(&self, _txn: &Transaction) -> tm_core::Result<()> {
+    fn tpc_vote(&self, txn: &Transaction) -> tm_core::Result<()> {
         let mut st = self.state.lock();
-        Ok(self.do_vote(&mut st)?)
+        Ok(self.do_vote(&mut st, txn.log_id())?)
     }
 
     fn tpc_finish(&self, _txn: &Transaction) -> tm_core::Result<()> {
@@ -1023,8 +1046,16 @@ impl DataManager for RedisTxn {
             .into());
         }
         if let Some(layout) = &st.layout {
-            // On failure it stays prepared: in doubt until recovery.
-            apply(&self.store, layout, &self.id, Phase::TpcFinish)?;
+            match apply(&self.store, layout, &self.txid, Phase::TpcFinish) {
+                Ok(()) => {}
+                // Gone for good (aborted or lost): nothing left to finish.
+                Err(Error::Transaction(err @ tm_core::Error::RecordMissing { .. })) => {
+                    self.end(&mut st);
+                    return Err(err);
+                }
+                // Still prepared: in doubt until recovery.
+                Err(err) => return Err(err.into()),
+            }
         }
         self.end(&mut st);
         Ok(())

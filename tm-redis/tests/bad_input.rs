@@ -8,6 +8,8 @@ use tm_core::{Error as TmError, TransactionManager};
 use tm_redis::testing::TestServer;
 use tm_redis::{Error, Options, Store};
 
+mod support;
+
 fn redis_error(err: &TmError) -> &Error {
     match err {
         TmError::Resource { source, .. } => {
@@ -24,7 +26,7 @@ fn commit_with(
     two_phase: bool,
     stage: impl Fn(&tm_redis::RedisHandle),
 ) -> Result<(), TmError> {
-    let tm = TransactionManager::explicit();
+    let (_dir, tm) = support::logged_manager();
     let txn = tm.begin()?;
     stage(&store.join(&txn)?);
     if two_phase {
@@ -249,9 +251,8 @@ fn keys_and_values_with_all_256_byte_values_round_trip() {
             .unwrap();
         assert_eq!(field, vec![0xff; 3]);
     }
-    let mut con = server.connection();
-    let left: Vec<Vec<u8>> = redis::cmd("KEYS").arg("tm:*").query(&mut con).unwrap();
-    assert!(left.is_empty());
+    let left = support::tm_keys(&server);
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]
@@ -314,10 +315,7 @@ fn queued_command_failing_at_apply_is_reported_as_partial() {
         store.get::<String>("applied2").unwrap().as_deref(),
         Some("1")
     );
-    let left: Vec<String> = redis::cmd("KEYS")
-        .arg("tm:*")
-        .query(&mut server.connection())
-        .unwrap();
+    let left = support::tm_keys(&server);
     assert!(left.is_empty(), "{left:?}");
 }
 

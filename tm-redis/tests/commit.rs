@@ -9,14 +9,8 @@ use tm_core::{Error as TmError, TransactionManager};
 use tm_redis::testing::TestServer;
 use tm_redis::{Error, Options, Store};
 
-/// Every key tm itself left on the server, tombstones aside.
-fn tm_keys(server: &TestServer) -> Vec<String> {
-    let mut con = server.connection();
-    let keys: Vec<String> = redis::cmd("KEYS").arg("tm:*").query(&mut con).unwrap();
-    keys.into_iter()
-        .filter(|k| !k.contains(":aborted:"))
-        .collect()
-}
+mod support;
+use support::tm_keys;
 
 /// Sends one command outside tm (to set up committed data).
 fn raw(con: &mut redis::Connection, args: &[&str]) {
@@ -58,7 +52,7 @@ fn two_phase_commit_with_another_resource_applies_and_releases_everything() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let log = CallLog::new();
-    let tm = TransactionManager::explicit();
+    let (_dir, tm) = support::logged_manager();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     let seen: Option<i64> = r.get("counter").unwrap();
@@ -237,7 +231,7 @@ fn queued_command_listing_no_keys_is_not_dropped() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     for (two_phase, key) in [(false, "one"), (true, "two")] {
-        let tm = TransactionManager::explicit();
+        let (_dir, tm) = support::logged_manager();
         let txn = tm.begin().unwrap();
         let r = store.join(&txn).unwrap();
         // Should list `key` (to lock it); either way the write must happen.
@@ -263,7 +257,7 @@ fn every_write_command_is_applied_in_order() {
     raw(&mut con, &["ZADD", "z", "1", "old"]);
     raw(&mut con, &["SET", "doomed", "x"]);
     for two_phase in [false, true] {
-        let tm = TransactionManager::explicit();
+        let (_dir, tm) = support::logged_manager();
         let txn = tm.begin().unwrap();
         let r = store.join(&txn).unwrap();
         r.hset("h", "f", "v").unwrap();
@@ -406,7 +400,7 @@ fn changed_read_makes_the_commit_a_retryable_conflict() {
 fn changed_read_refuses_the_vote() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let (_dir, tm) = support::logged_manager();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     let _ = r.get::<String>("a").unwrap();
@@ -479,8 +473,9 @@ fn prefix_and_tags_name_tm_keys() {
         ]
     );
     dm.tpc_finish(&txn).unwrap();
+    // Only the receipt is left, under the same tag.
     let keys: Vec<String> = redis::cmd("KEYS").arg("app:*").query(&mut con).unwrap();
-    assert!(keys.is_empty(), "{keys:?}");
+    assert_eq!(keys, vec![format!("app:{{u1}}:applied:{}", txn.id())]);
     assert_eq!(store.get::<i64>("{u1}:b").unwrap(), Some(2));
 }
 

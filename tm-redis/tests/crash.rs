@@ -6,11 +6,14 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tm_core::{
-    recover, DataManager, DecisionLog, Error as TmError, FileDecisionLog, Recoverable, Transaction,
+    recover, DataManager, DecisionLog, Error as TmError, Recoverable, Transaction,
     TransactionManager,
 };
 use tm_redis::testing::TestServer;
 use tm_redis::{Error, Store};
+
+mod support;
+use support::in_doubt_ids;
 
 /// Votes `store`'s handle of a new transaction that writes `writes`.
 fn prepare(
@@ -48,7 +51,7 @@ fn prepared_transaction_survives_sigkill_and_is_committed_by_commit_prepared() {
     let (_tm, txn, _dm) = prepare(&store, &[("a", "1"), ("b", "2")]);
     server.kill_and_restart();
 
-    assert_eq!(store.in_doubt().unwrap(), vec![txn.id()]);
+    assert_eq!(in_doubt_ids(&store), vec![txn.id()]);
     assert_eq!(
         store.get::<String>("a").unwrap(),
         None,
@@ -62,7 +65,7 @@ fn prepared_transaction_survives_sigkill_and_is_committed_by_commit_prepared() {
     store.commit_prepared(&txn.id()).unwrap(); // idempotent
     assert_eq!(store.get::<String>("a").unwrap().as_deref(), Some("1"));
     assert_eq!(store.get::<String>("b").unwrap().as_deref(), Some("2"));
-    assert!(store.in_doubt().unwrap().is_empty());
+    assert!(in_doubt_ids(&store).is_empty());
     try_write(&store, "a").unwrap();
 }
 
@@ -73,10 +76,10 @@ fn prepared_transaction_survives_sigkill_and_is_removed_by_abort_prepared() {
     let (_tm, txn, _dm) = prepare(&store, &[("a", "1")]);
     server.kill_and_restart();
 
-    assert_eq!(store.in_doubt().unwrap(), vec![txn.id()]);
+    assert_eq!(in_doubt_ids(&store), vec![txn.id()]);
     store.abort_prepared(&txn.id()).unwrap();
     store.abort_prepared(&txn.id()).unwrap(); // idempotent
-    assert!(store.in_doubt().unwrap().is_empty());
+    assert!(in_doubt_ids(&store).is_empty());
     assert_eq!(store.get::<String>("a").unwrap(), None);
     try_write(&store, "a").unwrap();
     assert_eq!(store.get::<String>("a").unwrap().as_deref(), Some("other"));
@@ -118,10 +121,7 @@ fn redis_killed_between_vote_and_finish_is_heuristic_and_recovery_commits_it() {
     let server = Arc::new(Mutex::new(TestServer::builder().fsync_always(true).start()));
     let url = server.lock().url();
     let store = Store::open(&url).unwrap();
-    let dir = std::env::temp_dir().join(format!("tm-redis-crash-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let log = Arc::new(FileDecisionLog::open(dir.join("decisions")).unwrap());
+    let (_dir, log) = support::decision_log();
     let tm = TransactionManager::builder()
         .explicit(true)
         .decision_log(log.clone())
@@ -137,20 +137,22 @@ fn redis_killed_between_vote_and_finish_is_heuristic_and_recovery_commits_it() {
     .unwrap();
     let err = tm.commit().unwrap_err();
     match &err {
-        TmError::Heuristic { committed, failed } => {
+        TmError::Heuristic {
+            committed,
+            rolled_back,
+            in_doubt,
+        } => {
             assert_eq!(committed, &vec!["zz-kill-redis-at-vote".to_owned()]);
-            assert_eq!(failed, &vec![store.server().to_owned()]);
+            assert!(rolled_back.is_empty(), "{err}");
+            assert_eq!(in_doubt, &vec![store.server().to_owned()]);
         }
         other => panic!("expected a heuristic outcome, got {other:?}"),
     }
     tm.abort().unwrap();
 
     server.lock().restart();
-    assert_eq!(
-        store.in_doubt().unwrap(),
-        vec![txn.id()],
-        "the record survived"
-    );
+    assert_eq!(in_doubt_ids(&store), vec![txn.id()], "the record survived");
+    // Decided: committed at once, whatever its age.
     let report = recover(log.as_ref(), &[&store as &dyn Recoverable]).unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.committed.len(), 1);
@@ -158,12 +160,11 @@ fn redis_killed_between_vote_and_finish_is_heuristic_and_recovery_commits_it() {
         store.get::<String>("balance").unwrap().as_deref(),
         Some("100")
     );
-    assert!(store.in_doubt().unwrap().is_empty());
+    assert!(in_doubt_ids(&store).is_empty());
     assert!(
         log.pending().unwrap().is_empty(),
         "the decision is forgotten"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -202,7 +203,7 @@ fn late_prepare_after_its_abort_refuses() {
         "{err}"
     );
     dm.tpc_abort(&txn).unwrap();
-    assert!(store.in_doubt().unwrap().is_empty(), "no orphan record");
+    assert!(in_doubt_ids(&store).is_empty(), "no orphan record");
     assert_eq!(store.get::<String>("a").unwrap(), None);
     try_write(&store, "a").unwrap(); // no orphan lock
 }
@@ -240,7 +241,7 @@ fn finish_succeeds_at_maxmemory_under_noeviction() {
         .unwrap_err();
     assert_eq!(err.code(), Some("OOM"));
     // A new prepare is a clean no...
-    let other = TransactionManager::explicit();
+    let (_dir, other) = support::logged_manager();
     let t2 = other.begin().unwrap();
     store.join(&t2).unwrap().set("b", "2").unwrap();
     t2.join(tm_core::testing::TestDataManager::new(
@@ -254,5 +255,5 @@ fn finish_succeeds_at_maxmemory_under_noeviction() {
     // ...but the promised finish goes through.
     dm.tpc_finish(&txn).unwrap();
     assert_eq!(store.get::<String>("a").unwrap().as_deref(), Some("1"));
-    assert!(store.in_doubt().unwrap().is_empty());
+    assert!(in_doubt_ids(&store).is_empty());
 }

@@ -6,11 +6,17 @@
 -- Every key a function touches is passed in KEYS. A transaction's keys come
 -- as triples (data key, write-lock key, read-lock key), the keys it only read
 -- first (`nread` of them), then the keys it writes. prepare/apply/abort put
--- the record and two tombstone keys before the triples (base = 3): the
--- tombstone under the transaction's tag, and the one under the empty tag (the
--- same key when the tag is empty), which is where recovery leaves it when it
--- aborts a transaction whose record (and so tag) it never saw. The one-phase
--- commit has no record (base = 0).
+-- four keys before the triples (base = REC): the record; the tombstone under
+-- the transaction's tag, and the one under the empty tag (the same key when
+-- the tag is empty), which is where recovery leaves it when it aborts a
+-- transaction whose record (and so tag) it never saw; and the receipt that
+-- apply leaves. The one-phase commit has no record (base = 0).
+--
+-- A missing record is never taken for success: apply tells a receipt
+-- (applied before), a tombstone (aborted) and neither (lost) apart.
+-- Receipts and tombstones expire (their TTL is an option of the client):
+-- a finish arriving later than that is reported lost, a false alarm but
+-- never a false success.
 --
 -- A write lock is a string holding the writer's txid; read locks are a set of
 -- reader txids. Neither has a TTL: only apply and abort remove them.
@@ -26,9 +32,13 @@
 --   TXINVALID <op> <message>                     the staged commands cannot run
 --   TXABORTED                                    the transaction was aborted
 --   TXPREPARED                                   a prepare arrived twice
+--                                                (or after the apply)
+-- apply's replies when the record is gone: APPLIED, ABORTED, LOST (status).
 
 -- The KEYS of the running call (functions get them as an argument).
 local K = {}
+-- Where the triples start in the KEYS of prepare, apply and abort.
+local REC = 4
 
 local function data_key(base, j) return K[base + 3 * j - 2] end
 local function wlock_key(base, j) return K[base + 3 * j - 1] end
@@ -62,7 +72,7 @@ local function check_locks(base, nread, txid, extra)
     if chunked('EXISTS', probe) == 0 then return nil end
     if extra then
         if redis.call('EXISTS', extra[2], extra[3]) > 0 then return 'TXABORTED the transaction was aborted' end
-        if redis.call('EXISTS', extra[1]) > 0 then return 'TXPREPARED the transaction is already prepared' end
+        if redis.call('EXISTS', extra[1], extra[4]) > 0 then return 'TXPREPARED the transaction is already prepared' end
     end
     for j = 1, n do
         local w = redis.call('GET', wlock_key(base, j))
@@ -268,57 +278,68 @@ end
 -- while the record exists, so the write locks of its written keys are its own.
 local function release(nread, txid)
     local dels = { K[1] }
-    for j = 1, triples(3) do
+    for j = 1, triples(REC) do
         if j <= nread then
-            redis.call('SREM', rlock_key(3, j), txid)
+            redis.call('SREM', rlock_key(REC, j), txid)
         else
-            dels[#dels + 1] = wlock_key(3, j)
+            dels[#dels + 1] = wlock_key(REC, j)
         end
     end
     chunked('DEL', dels)
 end
 
--- prepare: KEYS = record, tombstone, untagged tombstone, triples; ARGV =
--- txid, nread, key list (client-built blob, kept for recovery), write-set...
+-- prepare: KEYS = record, tombstone, untagged tombstone, receipt, triples; ARGV =
+-- txid, nread, key list (client-built blob, kept for recovery), the
+-- coordinator's log id (empty: none), write-set...
+-- The record also keeps the server's TIME (microseconds): recovery measures
+-- a record's age by the store's own clock, never a client's.
 local function prepare(keys, args)
     K = keys
     local txid = args[1]
     local nread = tonumber(args[2])
     -- One EXISTS probes the tombstones, the record and every lock at once.
-    local refused = check_locks(3, nread, txid, { keys[1], keys[2], keys[3] })
-    if refused == nil then refused = validate(3, args, 4) end
+    local refused = check_locks(REC, nread, txid, { keys[1], keys[2], keys[3], keys[4] })
+    if refused == nil then refused = validate(REC, args, 5) end
     if refused then return redis.error_reply(refused) end
     local writes = {}
-    for j = 1, triples(3) do
+    for j = 1, triples(REC) do
         if j <= nread then
-            redis.call('SADD', rlock_key(3, j), txid)
+            redis.call('SADD', rlock_key(REC, j), txid)
         else
-            writes[#writes + 1] = wlock_key(3, j)
+            writes[#writes + 1] = wlock_key(REC, j)
             writes[#writes + 1] = txid
         end
     end
     chunked('MSET', writes)
     local ops = {}
-    for k = 4, #args do ops[#ops + 1] = args[k] end
-    redis.call('HSET', keys[1], 'k', args[3], 'w', cmsgpack.pack(ops))
+    for k = 5, #args do ops[#ops + 1] = args[k] end
+    local now = redis.call('TIME')
+    local at = now[1] .. string.format('%06d', tonumber(now[2]))
+    redis.call('HSET', keys[1], 'k', args[3], 'w', cmsgpack.pack(ops), 'l', args[4], 't', at)
     return 1
 end
 
--- apply: KEYS = record, tombstone, untagged tombstone, triples; ARGV =
--- txid, nread. Idempotent: 0 when there is no record (already applied or
--- aborted).
+-- apply: KEYS = record, tombstones, receipt, triples; ARGV = txid, nread,
+-- receipt TTL (ms). Replays the write-set, releases, and leaves the receipt.
+-- Without a record: APPLIED (the receipt: applied before), ABORTED (a
+-- tombstone) or LOST (neither).
 local function apply(keys, args)
     K = keys
     local packed = redis.call('HGET', keys[1], 'w')
-    if not packed then return 0 end
-    local failures = run_ops(3, cmsgpack.unpack(packed), 1)
+    if not packed then
+        if redis.call('EXISTS', keys[4]) > 0 then return redis.status_reply('APPLIED') end
+        if redis.call('EXISTS', keys[2], keys[3]) > 0 then return redis.status_reply('ABORTED') end
+        return redis.status_reply('LOST')
+    end
+    local failures = run_ops(REC, cmsgpack.unpack(packed), 1)
     release(tonumber(args[2]), args[1])
+    redis.call('SET', keys[4], '1', 'PX', args[3])
     return failures
 end
 
--- abort: KEYS = record, tombstone, untagged tombstone, triples; ARGV = txid,
--- nread, tombstone TTL (ms). Releases what a prepare took (if it ran) and
--- leaves a tombstone so a prepare arriving late refuses.
+-- abort: KEYS = record, tombstones, receipt, triples; ARGV = txid, nread,
+-- tombstone TTL (ms). Releases what a prepare took (if it ran) and leaves a
+-- tombstone so a prepare arriving late refuses.
 local function abort(keys, args)
     K = keys
     local had = redis.call('EXISTS', keys[1])
