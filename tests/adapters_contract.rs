@@ -488,9 +488,13 @@ fn sqlite_commits_last_after_the_other_vote_and_a_finish_failure_is_heuristic_na
         .execute("INSERT INTO kv VALUES ('a', 1)", [])
         .unwrap();
     match tm.commit().unwrap_err() {
-        Error::Heuristic { committed, failed } => {
+        Error::Heuristic {
+            committed,
+            in_doubt,
+            ..
+        } => {
             assert_eq!(committed, vec![db.name().to_owned()]);
-            assert_eq!(failed, vec!["zz-other".to_owned()]);
+            assert_eq!(in_doubt, vec!["zz-other".to_owned()]);
         }
         other => panic!("expected Heuristic, got {other:?}"),
     }
@@ -1053,7 +1057,13 @@ fn redis_recoverable_is_stable_and_idempotent() {
     let to_abort = prepare("a");
     let mut want = vec![to_commit, to_abort];
     want.sort();
-    assert_eq!(reopened.in_doubt().unwrap(), want);
+    let listed: Vec<TxId> = reopened
+        .in_doubt()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.txid)
+        .collect();
+    assert_eq!(listed, want);
     let parsed: TxId = to_commit.to_string().parse().unwrap();
     assert_eq!(parsed, to_commit);
 
@@ -1415,7 +1425,7 @@ fn redis_commit_prepared_finishes_every_record_of_the_transaction() {
         dm.tpc_vote(&txn).unwrap();
     }
     let recovery = Store::open(&server.url()).unwrap();
-    assert_eq!(recovery.in_doubt().unwrap(), vec![txn.id()]);
+    assert_eq!(recovery.in_doubt().unwrap()[0].txid, txn.id());
     recovery.commit_prepared(&txn.id()).unwrap();
     assert!(recovery.in_doubt().unwrap().is_empty());
     assert_eq!(a.get::<i64>("{u1}:x").unwrap(), Some(1));

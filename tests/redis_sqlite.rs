@@ -226,14 +226,16 @@ fn redis_lost_after_the_decision_is_heuristic_and_recovery_finishes_it() {
         .unwrap();
     let err = tm.commit().unwrap_err();
     match &err {
-        Error::Heuristic { failed, .. } => assert_eq!(failed, &vec![s.redis.server().to_owned()]),
+        Error::Heuristic { in_doubt, .. } => {
+            assert_eq!(in_doubt, &vec![s.redis.server().to_owned()])
+        }
         other => panic!("expected a heuristic outcome, got {other:?}"),
     }
     tm.abort().unwrap();
 
     // SQLite's commit was the decision; Redis stays prepared across a restart.
     s.server.lock().restart();
-    assert_eq!(s.redis.in_doubt().unwrap(), vec![txn.id()]);
+    assert_eq!(s.redis.in_doubt().unwrap()[0].txid, txn.id());
     assert_eq!(s.balances(), (90, 0));
     let report = recover(log.as_ref(), &[&s.redis as &dyn Recoverable]).unwrap();
     assert!(report.is_clean(), "{report:?}");

@@ -741,15 +741,47 @@ impl Transaction {
             match result {
                 Ok(()) => last_committed = true,
                 Err(err) if !last_committed => {
-                    // The first last resource refused: nothing is decided yet.
-                    if let Some(log) = logged {
-                        if let Err(forget) =
-                            guarded_log(Phase::Abort, || log.forget(&self.inner.id))
-                        {
-                            error!(error = %forget, "could not withdraw the commit decision after the last resource failed");
+                    // The first last resource failed: its commit was to be
+                    // the decision. An error does not prove it rolled back
+                    // (an I/O error after the commit record hit the disk),
+                    // so when the log rides inside it, end it and ask the
+                    // fence: the abort row makes "not committed" final, or
+                    // the commit row shows it did commit.
+                    match self.settle_uncertain_commit(logged, dm) {
+                        Settled::Committed => {
+                            warn!(resource = %name_of(dm), error = %err, "the last resource reported a failure, but its commit (the decision) is recorded: finishing the others");
+                            last_committed = true;
+                            continue;
+                        }
+                        Settled::Aborted => {
+                            return Err(self.abort_before_decision(
+                                resources,
+                                resources.len(),
+                                err,
+                            ));
+                        }
+                        Settled::Fenced => {
+                            let others: Vec<Arc<dyn DataManager>> = resources
+                                .iter()
+                                .filter(|other| !same_resource(other, dm))
+                                .cloned()
+                                .collect();
+                            return Err(self.abort_before_decision(&others, others.len(), err));
+                        }
+                        Settled::Unknown(why) => {
+                            let in_doubt = (0..resources.len())
+                                .filter(|&j| prepares(j))
+                                .map(|j| name_of(&resources[j]))
+                                .chain(std::iter::once(name_of(dm)))
+                                .collect();
+                            error!(resource = %name_of(dm), error = %err, fence = %why, "the last resource's commit may or may not have happened and the fence could not tell: everything stays prepared for recovery");
+                            return Err(Error::Heuristic {
+                                committed: Vec::new(),
+                                rolled_back: Vec::new(),
+                                in_doubt,
+                            });
                         }
                     }
-                    return Err(self.abort_before_decision(resources, resources.len(), err));
                 }
                 Err(err) => {
                     error!(resource = %name_of(dm), error = %err, "a second one-phase resource failed after the first committed");
@@ -816,6 +848,41 @@ impl Transaction {
                 rolled_back,
                 in_doubt,
             })
+        }
+    }
+
+    /// After the first last resource's commit failed: did it commit? With
+    /// the log inside it, the fence answers for good; with a log outside
+    /// it (only with `allow_unrecoverable`) or none, its error is taken as
+    /// a rollback and a logged decision is withdrawn.
+    fn settle_uncertain_commit(
+        &self,
+        logged: Option<&Arc<dyn crate::DecisionLog>>,
+        dm: &Arc<dyn DataManager>,
+    ) -> Settled {
+        let Some(log) = logged else {
+            return Settled::Aborted;
+        };
+        let mut hosted = None;
+        let _ = call(dm, Phase::TpcAbort, || {
+            hosted = dm.hosted_log();
+            Ok(())
+        });
+        if hosted != Some(log.id()) {
+            if let Err(forget) = guarded_log(Phase::Abort, || log.forget(&self.inner.id)) {
+                error!(error = %forget, "could not withdraw the commit decision after the last resource failed");
+            }
+            return Settled::Aborted;
+        }
+        // End it first: its open transaction would hold the lock the
+        // fence's own write needs.
+        if let Err(cleanup) = call(dm, Phase::TpcAbort, || dm.tpc_abort(self)) {
+            debug!(resource = %name_of(dm), error = %cleanup, "tpc_abort after a failed last-resource commit");
+        }
+        match guarded_log(Phase::TpcVote, || log.record_abort(&self.inner.id)) {
+            Ok(crate::Outcome::Committed) => Settled::Committed,
+            Ok(_) => Settled::Fenced,
+            Err(err) => Settled::Unknown(err),
         }
     }
 
@@ -1163,6 +1230,18 @@ impl Transaction {
             }
         }
     }
+}
+
+/// What the fence said of an uncertain last-resource commit.
+enum Settled {
+    /// The fence found its commit: it is the decision.
+    Committed,
+    /// No log inside it: its error is taken as a rollback (nothing ended).
+    Aborted,
+    /// The fence recorded the abort (the resource is ended).
+    Fenced,
+    /// The fence could not be asked.
+    Unknown(Error),
 }
 
 /// How a resource ended after the commit decision.

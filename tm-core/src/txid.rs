@@ -81,7 +81,10 @@ fn register_fork_handler() {
     // unwinds. std links the C library that provides it on every unix.
     let rc = unsafe { pthread_atfork(None, None, Some(forget_prefix_in_child)) };
     if rc != 0 {
-        tracing::warn!(rc, "pthread_atfork failed: a forked child that does not exec could repeat transaction ids");
+        tracing::warn!(
+            rc,
+            "pthread_atfork failed: a forked child that does not exec could repeat transaction ids"
+        );
     }
 }
 

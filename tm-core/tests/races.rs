@@ -12,7 +12,11 @@ fn iterations() -> usize {
     std::env::var("TM_RACE_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(if cfg!(debug_assertions) { 10_000 } else { 100_000 })
+        .unwrap_or(if cfg!(debug_assertions) {
+            10_000
+        } else {
+            100_000
+        })
 }
 
 /// Counts the calls that end a resource's part, and notices a call that
@@ -128,7 +132,9 @@ fn race<S: Send + Sync>(
                 std::hint::spin_loop();
             }
             let state = slot.lock().take().expect("still set");
-            let state = Arc::try_unwrap(state).ok().expect("both sides are done with it");
+            let state = Arc::try_unwrap(state)
+                .ok()
+                .expect("both sides are done with it");
             check(r, state);
         }
     });
@@ -182,15 +188,27 @@ fn commit_racing_abort_on_two_clones_has_one_winner_and_one_ending_per_resource(
                 committed.is_ok() != aborted.is_ok(),
                 "round {round}: commit {committed:?}, abort {aborted:?}: exactly one must win"
             );
-            let loser = if committed.is_ok() { &aborted } else { &committed };
+            let loser = if committed.is_ok() {
+                &aborted
+            } else {
+                &committed
+            };
             assert!(
                 matches!(loser, Err(Error::Closed)),
                 "round {round}: the loser must be Closed, got {loser:?}"
             );
             wins[usize::from(committed.is_ok())] += 1;
             for p in &s.probes {
-                assert_eq!(p.endings.load(Ordering::SeqCst), 1, "round {round}: {}", p.name);
-                assert!(!p.late.load(Ordering::SeqCst), "round {round}: call after ending");
+                assert_eq!(
+                    p.endings.load(Ordering::SeqCst),
+                    1,
+                    "round {round}: {}",
+                    p.name
+                );
+                assert!(
+                    !p.late.load(Ordering::SeqCst),
+                    "round {round}: call after ending"
+                );
                 assert_eq!(p.finished.load(Ordering::SeqCst), committed.is_ok());
             }
             assert!(
