@@ -1,0 +1,2 @@
+//! `tm-recover`: the operator tool (work in progress).
+fn main() {}
