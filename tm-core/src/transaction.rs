@@ -1259,9 +1259,12 @@ fn sort(resources: &mut [Arc<dyn DataManager>]) -> Result<()> {
     let asked = std::cell::Cell::new(0);
     catch_unwind(AssertUnwindSafe(|| {
         let mut sorted = true;
+        let mut previous = "";
         for (i, dm) in resources.iter().enumerate() {
             asked.set(i);
-            sorted &= i == 0 || resources[i - 1].sort_key() <= dm.sort_key();
+            let key = dm.sort_key();
+            sorted &= previous <= key;
+            previous = key;
         }
         if !sorted {
             resources.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));

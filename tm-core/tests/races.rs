@@ -94,6 +94,20 @@ impl DataManager for Probe {
     }
 }
 
+/// Spins, yielding the core now and then: the machine may have fewer
+/// cores than spinning threads.
+fn wait_until(ready: impl Fn() -> bool) {
+    let mut spins = 0u32;
+    while !ready() {
+        spins += 1;
+        if spins % 64 == 0 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
 /// Two threads that start each round at the same moment (a spin on a
 /// shared round number, no sleeping barrier between them).
 fn race<S: Send + Sync>(
@@ -111,9 +125,7 @@ fn race<S: Send + Sync>(
             let (round, done, slot, a, b) = (&round, &done, &slot, &a, &b);
             scope.spawn(move || {
                 for r in 1..=rounds {
-                    while round.load(Ordering::Acquire) < r {
-                        std::hint::spin_loop();
-                    }
+                    wait_until(|| round.load(Ordering::Acquire) >= r);
                     let state = slot.lock().clone().expect("set before the round starts");
                     if side == 0 {
                         a(&state);
@@ -128,9 +140,7 @@ fn race<S: Send + Sync>(
         for r in 1..=rounds {
             *slot.lock() = Some(Arc::new(setup()));
             round.store(r, Ordering::Release);
-            while done.load(Ordering::Acquire) < 2 * r {
-                std::hint::spin_loop();
-            }
+            wait_until(|| done.load(Ordering::Acquire) >= 2 * r);
             let state = slot.lock().take().expect("still set");
             let state = Arc::try_unwrap(state)
                 .ok()
