@@ -137,6 +137,9 @@ enum Stage {
     Recovery(RecoveryKill),
     /// In the parent: a transfer with a server killed under it.
     Server(ServerKill),
+    /// In the parent: a recovery pass pointed at a fresh, wrong log (a typo
+    /// in a path), which must leave every record alone.
+    WrongLog,
 }
 
 struct Cell {
@@ -167,7 +170,7 @@ const fn cell(
 use ClientKill::*;
 use Coordinator::{File, Llr};
 use Place::{Between, First, Last};
-use Stage::{Client, Recovery, Server};
+use Stage::{Client, Recovery, Server, WrongLog};
 use Work::*;
 
 // One line per cell: name, coordinator, workload, stages (each child is
@@ -216,6 +219,13 @@ const CELLS: &[Cell] = &[
     cell("redis_killed_during_the_apply", Llr, BigSqlToRedis, &[Server(ServerKill::DuringApply)], true),
     cell("file_second_redis_killed_at_its_vote", File, RedisToRedis, &[Server(ServerKill::At(1, Phase::TpcVote, Between))], false),
     cell("file_second_redis_killed_after_the_decision", File, RedisToRedis, &[Server(ServerKill::At(1, Phase::TpcFinish, Between))], true),
+    // Recovery from a fresh, wrong log first: the records are not its own.
+    cell("llr_wrong_log_recovers_first_after_decision", Llr, SqlToRedis,
+        &[Client(At(Phase::TpcFinish, First)), WrongLog], true),
+    cell("file_wrong_log_recovers_first_after_decision", File, RedisToRedis,
+        &[Client(AfterRecordCommit), WrongLog], true),
+    cell("file_wrong_log_recovers_first_after_votes", File, RedisToRedis,
+        &[Client(At(Phase::TpcVote, Last)), WrongLog], false),
     // The recovering process SIGKILLed too.
     cell("recovery_killed_before_its_fence", Llr, SqlToRedis,
         &[Client(At(Phase::TpcVote, Last)), Recovery(RecoveryKill::BeforeFence)], false),
@@ -596,7 +606,7 @@ fn child(cell: &Cell, stage: usize, dir: &Path, urls: &[String]) {
             let report = recover_with(&log, &resources, &no_grace());
             panic!("the recovering child should have been killed, recover returned {report:?}");
         }
-        Server(_) => unreachable!("server kills run in the parent"),
+        Server(_) | WrongLog => unreachable!("runs in the parent"),
     }
 }
 
@@ -701,6 +711,24 @@ fn server_stage(
     ))
 }
 
+/// A recovery pass with a fresh log: every record is another log's.
+fn wrong_log_stage(cell: &Cell, dir: &Path, urls: &[String]) -> Result<String, String> {
+    let world = open_world(cell, dir, urls)?;
+    let wrong = FileDecisionLog::open(dir.join("wrong.log")).map_err(|e| e.to_string())?;
+    let resources: Vec<&dyn Recoverable> =
+        world.stores.iter().map(|s| s as &dyn Recoverable).collect();
+    let report = recover_with(&wrong, &resources, &no_grace()).map_err(|e| e.to_string())?;
+    if !(report.committed.is_empty() && report.aborted.is_empty() && report.is_clean())
+        || report.foreign.is_empty()
+    {
+        return Err(format!("a wrong log touched the records: {report:?}"));
+    }
+    Ok(format!(
+        "a fresh log left {} foreign record(s) alone",
+        report.foreign.len()
+    ))
+}
+
 /// Whether the server was busy (inside the apply) when the killer struck.
 static BUSY_AT_KILL: AtomicBool = AtomicBool::new(false);
 
@@ -755,6 +783,12 @@ fn run_cell(cell: &Cell, exe: &Path) -> Result<String, String> {
             notes.push(
                 server_stage(cell, kill, dir.path(), &urls, &servers)
                     .map_err(|e| format!("stage {n}: {e}"))?,
+            );
+            continue;
+        }
+        if *stage == WrongLog {
+            notes.push(
+                wrong_log_stage(cell, dir.path(), &urls).map_err(|e| format!("stage {n}: {e}"))?,
             );
             continue;
         }
