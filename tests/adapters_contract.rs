@@ -11,9 +11,13 @@ use std::time::Duration;
 
 use tm::redis::testing::TestServer;
 use tm::redis::Store;
+use tm::sqlite::SqliteDecisionLog;
 use tm::sqlite::{Begin, Database, JournalMode, Options, Synchronous};
 use tm::testing::{CallLog, Fault, TestDataManager};
-use tm::{recover, Error, MemoryStore, Phase, Recoverable, Status, TransactionManager, TxId};
+use tm::{
+    recover, recover_with, DecisionLog, Error, FileDecisionLog, MemoryStore, Phase, Recoverable,
+    RecoveryOptions, Status, TransactionManager, TransactionManagerBuilder, TxId,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -45,13 +49,40 @@ fn row(k: &str, v: i64) -> (String, i64) {
     (k.to_owned(), v)
 }
 
-/// Every key tm itself keeps on the server (tombstones aside), sorted.
+/// A new decision log file in `dir`, one per call: a second open of one
+/// file is refused while the first is held.
+fn file_log(dir: &tempfile::TempDir) -> Arc<FileDecisionLog> {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    Arc::new(FileDecisionLog::open(dir.path().join(format!("decisions-{n}.log"))).unwrap())
+}
+
+/// An explicit manager whose decisions go to a log file of its own: what a
+/// Redis store beside another two-phase resource needs (no log is refused).
+fn with_file_log(dir: &tempfile::TempDir) -> TransactionManagerBuilder {
+    TransactionManager::builder()
+        .explicit(true)
+        .decision_log(file_log(dir))
+}
+
+/// An explicit manager whose decisions ride inside `db`'s own commit
+/// (logging last resource): what SQLite beside Redis needs.
+fn with_sqlite_log(db: &Database) -> TransactionManagerBuilder {
+    TransactionManager::builder()
+        .explicit(true)
+        .decision_log(Arc::new(SqliteDecisionLog::new(db).unwrap()))
+}
+
+/// Every key tm itself keeps on the server (tombstones and receipts aside,
+/// which expire on their own), sorted: locks and prepared records.
 fn tm_keys(server: &TestServer) -> Vec<Vec<u8>> {
     let mut keys: Vec<Vec<u8>> = redis::cmd("KEYS")
         .arg("tm:*")
         .query(&mut server.connection())
         .unwrap();
-    keys.retain(|k| !k.windows(9).any(|w| w == b":aborted:"));
+    keys.retain(|k| {
+        !k.windows(9).any(|w| w == b":aborted:") && !k.windows(9).any(|w| w == b":applied:")
+    });
     keys.sort();
     keys
 }
@@ -731,7 +762,10 @@ fn redis_conflict_on_a_changed_read_is_error_conflict_and_retried_by_run() {
 fn redis_key_held_by_a_prepared_transaction_conflicts_at_once_and_is_retryable() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm1 = TransactionManager::explicit();
+    let tm1 = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let t1 = tm1.begin().unwrap();
     let r1 = store.join(&t1).unwrap();
     r1.set("k", "t1").unwrap();
@@ -740,7 +774,10 @@ fn redis_key_held_by_a_prepared_transaction_conflicts_at_once_and_is_retryable()
     dm.commit(&t1).unwrap();
     dm.tpc_vote(&t1).unwrap();
 
-    let tm2 = TransactionManager::explicit();
+    let tm2 = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let t2 = tm2.begin().unwrap();
     store.join(&t2).unwrap().set("k", "t2").unwrap();
     let err = tm2.commit().unwrap_err();
@@ -803,6 +840,7 @@ fn redis_reads_see_own_string_writes_and_refuse_undefined_ones() {
 
 #[test]
 fn redis_del_then_set_and_set_then_del_of_one_key_apply_in_order() {
+    let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let mut con = server.connection();
@@ -810,7 +848,7 @@ fn redis_del_then_set_and_set_then_del_of_one_key_apply_in_order() {
     raw_set(&server, "k2", "keep?");
     let dm_other = TestDataManager::new("zz-other", &CallLog::new());
     for two_phase in [false, true] {
-        let tm = TransactionManager::explicit();
+        let tm = with_file_log(&dir).build();
         tm.run(|txn| {
             if two_phase {
                 txn.join(dm_other.clone())?;
@@ -867,13 +905,14 @@ fn redis_key_both_read_and_written_is_write_locked_once_and_committed() {
 
 #[test]
 fn redis_wrongtype_and_overflow_are_refused_at_the_vote_not_retried_and_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     raw_set(&server, "s", "text");
     raw_set(&server, "big", &i64::MAX.to_string());
     let other = TestDataManager::new("zz-other", &CallLog::new());
     for (key, what) in [("s", "hset"), ("big", "incr")] {
-        let tm = TransactionManager::explicit();
+        let tm = with_file_log(&dir).build();
         let attempts = Cell::new(0);
         let err = tm
             .run(|txn| {
@@ -906,12 +945,13 @@ fn redis_wrongtype_and_overflow_are_refused_at_the_vote_not_retried_and_nothing_
 
 #[test]
 fn redis_binary_keys_values_and_hash_tags_round_trip_through_two_phase_commit() {
+    let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let all: Vec<u8> = (0..=255).collect();
     let tagged: Vec<u8> = [&b"{\x00\xff}"[..], &all].concat();
     let other = TestDataManager::new("zz-other", &CallLog::new());
-    let tm = TransactionManager::explicit();
+    let tm = with_file_log(&dir).build();
     tm.run(|txn| {
         txn.join(other.clone())?;
         let r = store.join(txn)?;
@@ -928,10 +968,11 @@ fn redis_binary_keys_values_and_hash_tags_round_trip_through_two_phase_commit() 
 
 #[test]
 fn redis_large_write_set_commits_in_two_phases() {
+    let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let other = TestDataManager::new("zz-other", &CallLog::new());
-    let tm = TransactionManager::explicit();
+    let tm = with_file_log(&dir).build();
     tm.run(|txn| {
         txn.join(other.clone())?;
         let r = store.join(txn)?;
@@ -1043,7 +1084,10 @@ fn redis_recoverable_is_stable_and_idempotent() {
     assert!(store.resource_id().contains(&server.port().to_string()));
 
     let prepare = |key: &str| -> TxId {
-        let tm = TransactionManager::explicit();
+        let tm = TransactionManager::builder()
+            .explicit(true)
+            .independent(true)
+            .build();
         let txn = tm.begin().unwrap();
         let r = store.join(&txn).unwrap();
         r.set(key, "prepared").unwrap();
@@ -1085,6 +1129,51 @@ fn redis_prepared_without_a_decision_is_presumed_aborted_by_recover() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::builder().fsync_always(true).start();
     let store = Store::open(&server.url()).unwrap();
+    let log = file_log(&dir);
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .decision_log(log.clone())
+        .build();
+    let txn = tm.begin().unwrap();
+    let r = store.join(&txn).unwrap();
+    r.set("k", 1).unwrap();
+    let dm = r.data_manager();
+    dm.tpc_begin(&txn).unwrap();
+    dm.commit(&txn).unwrap();
+    dm.tpc_vote(&txn).unwrap();
+    let reopened = Store::open(&server.url()).unwrap();
+    // Younger than the default grace: left for a later pass.
+    let report = recover(log.as_ref(), &[&reopened]).unwrap();
+    assert_eq!(report.deferred.len(), 1, "{report:?}");
+    assert_eq!(reopened.in_doubt().unwrap().len(), 1);
+    // The coordinator is gone: with no grace, fenced and aborted.
+    let now = RecoveryOptions::new().grace(Duration::ZERO);
+    let report = recover_with(log.as_ref(), &[&reopened], &now).unwrap();
+    assert_eq!(
+        report.aborted,
+        vec![(reopened.resource_id(), txn.id())],
+        "{report:?}"
+    );
+    assert!(reopened.in_doubt().unwrap().is_empty());
+    assert_eq!(store.get::<i64>("k").unwrap(), None);
+    assert!(tm_keys(&server).is_empty());
+    // The fence: the late coordinator cannot commit any more.
+    let decision = tm::Decision::new(txn.id(), vec![reopened.resource_id()], Default::default());
+    assert!(matches!(
+        log.record_commit(&decision),
+        Err(Error::Fenced { .. })
+    ));
+    tm.abort().ok();
+}
+
+#[test]
+fn redis_prepared_by_a_manager_without_a_log_is_foreign_never_presumed_aborted() {
+    // The old rule aborted any record with no decision; a record that names
+    // no log may belong to a live coordinator of any process, so it is left
+    // alone and reported (taking it over is an operator's action).
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::builder().fsync_always(true).start();
+    let store = Store::open(&server.url()).unwrap();
     let tm = TransactionManager::explicit();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
@@ -1093,12 +1182,20 @@ fn redis_prepared_without_a_decision_is_presumed_aborted_by_recover() {
     dm.tpc_begin(&txn).unwrap();
     dm.commit(&txn).unwrap();
     dm.tpc_vote(&txn).unwrap();
-    let log = tm::FileDecisionLog::open(dir.path().join("decisions.log")).unwrap();
+    let log = file_log(&dir);
     let reopened = Store::open(&server.url()).unwrap();
-    recover(&log, &[&reopened]).unwrap();
-    assert!(reopened.in_doubt().unwrap().is_empty());
-    assert_eq!(store.get::<i64>("k").unwrap(), None);
+    let now = RecoveryOptions::new().grace(Duration::ZERO);
+    let report = recover_with(log.as_ref(), &[&reopened], &now).unwrap();
+    assert!(report.aborted.is_empty(), "{report:?}");
+    assert_eq!(report.foreign.len(), 1, "{report:?}");
+    assert_eq!(report.foreign[0].1.txid, txn.id());
+    assert!(!report.nothing_in_doubt());
+    assert_eq!(reopened.in_doubt().unwrap().len(), 1);
+    // Still prepared: its coordinator can finish it.
+    dm.tpc_finish(&txn).unwrap();
+    assert_eq!(store.get::<i64>("k").unwrap(), Some(1));
     assert!(tm_keys(&server).is_empty());
+    tm.abort().ok();
 }
 
 // ------------------------------------------------- SQLite + Redis + Memory --
@@ -1126,6 +1223,11 @@ fn three() -> Three {
 }
 
 impl Three {
+    /// A manager whose decisions ride inside SQLite's commit.
+    fn manager(&self) -> TransactionManagerBuilder {
+        with_sqlite_log(&self.db)
+    }
+
     fn write(&self, txn: &tm::Transaction, k: &str, v: i64) -> Result<(), BoxError> {
         self.db
             .join(txn)?
@@ -1150,7 +1252,7 @@ impl Three {
 #[test]
 fn savepoint_rolls_back_sqlite_redis_and_memory_together() {
     let s = three();
-    let tm = TransactionManager::explicit();
+    let tm = s.manager().build();
     let txn = tm.begin().unwrap();
     s.write(&txn, "a", 1).unwrap();
     let sp = txn.savepoint().unwrap();
@@ -1166,7 +1268,7 @@ fn savepoint_rolls_back_sqlite_redis_and_memory_together() {
 #[test]
 fn nested_atomic_failure_undoes_only_the_inner_block_in_all_three_stores() {
     let s = three();
-    let tm = TransactionManager::explicit();
+    let tm = s.manager().build();
     tm.atomic(|txn| {
         s.write(txn, "a", 1)?;
         let inner: Result<(), BoxError> = tm.atomic(|txn| {
@@ -1190,7 +1292,7 @@ fn nested_atomic_failure_undoes_only_the_inner_block_in_all_three_stores() {
 #[test]
 fn resources_joined_after_a_savepoint_leave_on_rollback_and_can_join_again() {
     let s = three();
-    let tm = TransactionManager::explicit();
+    let tm = s.manager().build();
     let txn = tm.begin().unwrap();
     s.mem.join(&txn).unwrap().put("a", 1);
     let sp = txn.savepoint().unwrap();
@@ -1217,7 +1319,7 @@ fn sqlite_failing_at_its_commit_aborts_the_redis_prepare_and_leaves_nothing() {
         )
     })
     .unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = s.manager().build();
     let err = tm
         .run(|txn| {
             s.redis.join(txn)?.set("a", 1)?;
@@ -1238,7 +1340,9 @@ fn sqlite_failing_at_its_commit_aborts_the_redis_prepare_and_leaves_nothing() {
 fn run_retries_a_redis_conflict_in_a_transaction_with_sqlite_and_commits_once() {
     let s = three();
     raw_set(&s.server, "n", "0");
-    let tm = TransactionManager::builder()
+    let tm = s
+        .manager()
+        .explicit(false)
         .backoff(tm::Backoff::None)
         .build();
     let attempts = Cell::new(0);
@@ -1267,7 +1371,7 @@ fn errors_name_the_resource_and_the_phase() {
     let s = three();
     // Redis: an invalid staged write, refused at the vote with SQLite joined.
     raw_set(&s.server, "s", "text");
-    let tm = TransactionManager::explicit();
+    let tm = s.manager().build();
     let err = tm
         .run(|txn| {
             s.db.join(txn)?
@@ -1326,10 +1430,11 @@ fn redis_exists_after_a_buffered_expire_sees_a_non_string_key() {
 
 #[test]
 fn redis_queued_command_too_large_for_lua_is_refused_before_the_decision() {
+    let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let other = TestDataManager::new("zz-other", &CallLog::new());
-    let tm = TransactionManager::explicit();
+    let tm = with_file_log(&dir).build();
     let sadd = |n: usize| {
         let mut cmd = redis::cmd("SADD");
         cmd.arg("big");
@@ -1373,10 +1478,11 @@ fn redis_queued_command_too_large_for_lua_is_refused_before_the_decision() {
 
 #[test]
 fn redis_write_to_a_key_in_tms_own_key_space_is_refused_and_locks_stay_intact() {
+    let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
     let other = TestDataManager::new("zz-other", &CallLog::new());
-    let tm = TransactionManager::explicit();
+    let tm = with_file_log(&dir).build();
     let err = tm
         .run(|txn| {
             txn.join(other.clone())?;

@@ -121,7 +121,10 @@ fn concurrent_transfers_with_faults_at_random_phases_never_break_the_invariant()
         memory: MemoryStore::named("memory-accounts"),
     });
     let log = Arc::new(SqliteDecisionLog::new(&db).unwrap());
-    TransactionManager::explicit()
+    TransactionManager::builder()
+        .explicit(true)
+        .decision_log(log.clone())
+        .build()
         .run(|txn| {
             for id in 0..ACCOUNTS {
                 if id % 3 == 0 {

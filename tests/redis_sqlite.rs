@@ -11,7 +11,10 @@ use tm::redis::testing::TestServer;
 use tm::redis::Store;
 use tm::sqlite::{Database, Options, SqliteDecisionLog};
 use tm::testing::{CallLog, Fault, TestDataManager};
-use tm::{recover, DataManager, Error, Phase, Recoverable, Transaction, TransactionManager};
+use tm::{
+    recover, recover_with, DataManager, Error, Phase, Recoverable, RecoveryOptions, Transaction,
+    TransactionManager, TransactionManagerBuilder,
+};
 
 struct Stores {
     _dir: tempfile::TempDir,
@@ -63,13 +66,25 @@ impl Stores {
         (alice, self.redis.get::<i64>("bob").unwrap().unwrap_or(0))
     }
 
-    /// Nothing of tm's is left on the Redis server (tombstones aside).
+    /// An explicit manager whose decisions ride inside SQLite's commit
+    /// (logging last resource): SQLite beside Redis needs it.
+    fn manager(&self) -> TransactionManagerBuilder {
+        TransactionManager::builder()
+            .explicit(true)
+            .decision_log(Arc::new(SqliteDecisionLog::new(&self.db).unwrap()))
+    }
+
+    /// Nothing of tm's is left on the Redis server: no lock, no prepared
+    /// record (tombstones and receipts aside, which expire on their own).
     fn assert_no_redis_leftovers(&self) {
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg("tm:*")
             .query(&mut self.server.lock().connection())
             .unwrap();
-        let left: Vec<_> = keys.iter().filter(|k| !k.contains(":aborted:")).collect();
+        let left: Vec<_> = keys
+            .iter()
+            .filter(|k| !k.contains(":aborted:") && !k.contains(":applied:"))
+            .collect();
         assert!(left.is_empty(), "left on redis: {left:?}");
     }
 
@@ -92,7 +107,7 @@ impl Stores {
 #[test]
 fn success_changes_both_stores() {
     let s = stores();
-    let tm = TransactionManager::explicit();
+    let tm = s.manager().build();
     tm.run(|txn| s.transfer(txn)).unwrap();
     assert_eq!(s.balances(), (90, 10));
     s.assert_no_redis_leftovers();
@@ -108,7 +123,7 @@ fn failure_at_any_phase_before_the_decision_leaves_both_unchanged() {
                 let faulty = TestDataManager::new("faulty", &log)
                     .with_sort_key(sort_key)
                     .fail_at(phase, fault);
-                let tm = TransactionManager::explicit();
+                let tm = s.manager().build();
                 let txn = tm.begin().unwrap();
                 s.transfer(&txn).unwrap();
                 txn.join(faulty).unwrap();
@@ -125,7 +140,7 @@ fn failure_at_any_phase_before_the_decision_leaves_both_unchanged() {
 #[test]
 fn redis_refusing_its_vote_leaves_sqlite_unchanged() {
     let s = stores();
-    let tm = TransactionManager::explicit();
+    let tm = s.manager().build();
     let txn = tm.begin().unwrap();
     s.transfer(&txn).unwrap();
     // Another client changes what the transaction read in Redis.
@@ -144,7 +159,7 @@ fn redis_refusing_its_vote_leaves_sqlite_unchanged() {
 #[test]
 fn sqlite_failing_at_its_commit_rolls_back_the_redis_prepare() {
     let s = stores();
-    let tm = TransactionManager::explicit();
+    let tm = s.manager().build();
     let txn = tm.begin().unwrap();
     s.transfer(&txn).unwrap();
     // A deferred foreign key: SQLite refuses only at COMMIT, after Redis voted.
@@ -157,6 +172,7 @@ fn sqlite_failing_at_its_commit_rolls_back_the_redis_prepare() {
     tm.abort().unwrap();
     assert_eq!(s.balances(), (100, 0));
     s.assert_no_redis_leftovers();
+    tm.abort().ok();
 }
 
 #[test]
@@ -166,10 +182,7 @@ fn retried_transfers_keep_the_total_under_contention() {
         .map(|_| {
             let s = s.clone();
             std::thread::spawn(move || {
-                let tm = TransactionManager::builder()
-                    .explicit(true)
-                    .retry_attempt_count(10_000)
-                    .build();
+                let tm = s.manager().retry_attempt_count(10_000).build();
                 for _ in 0..5 {
                     tm.run(|txn| s.transfer(txn)).unwrap();
                 }
@@ -247,8 +260,11 @@ fn redis_lost_after_the_decision_is_heuristic_and_recovery_finishes_it() {
 #[test]
 fn redis_prepared_without_a_decision_is_aborted_by_recovery() {
     let s = stores();
-    let log = SqliteDecisionLog::new(&s.db).unwrap();
-    let tm = TransactionManager::explicit();
+    let log = Arc::new(SqliteDecisionLog::new(&s.db).unwrap());
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .decision_log(log.clone())
+        .build();
     let txn = tm.begin().unwrap();
     let r = s.redis.join(&txn).unwrap();
     r.set("bob", 99).unwrap();
@@ -258,8 +274,12 @@ fn redis_prepared_without_a_decision_is_aborted_by_recovery() {
     dm.tpc_vote(&txn).unwrap();
     // The coordinator dies here: no decision was logged.
     s.server.lock().kill_and_restart();
-    let report = recover(&log, &[&s.redis as &dyn Recoverable]).unwrap();
+    // The crashed coordinator is dead: no grace to wait out.
+    let now = RecoveryOptions::new().grace(std::time::Duration::ZERO);
+    let report = recover_with(log.as_ref(), &[&s.redis as &dyn Recoverable], &now).unwrap();
     assert_eq!(report.aborted.len(), 1, "{report:?}");
+    assert!(report.nothing_in_doubt(), "{report:?}");
     assert_eq!(s.balances(), (100, 0));
     s.assert_no_redis_leftovers();
+    tm.abort().ok();
 }
