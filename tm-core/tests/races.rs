@@ -100,7 +100,7 @@ fn wait_until(ready: impl Fn() -> bool) {
     let mut spins = 0u32;
     while !ready() {
         spins += 1;
-        if spins % 64 == 0 {
+        if spins.is_multiple_of(64) {
             std::thread::yield_now();
         } else {
             std::hint::spin_loop();
