@@ -120,3 +120,7 @@ pub use error::{Error, Result};
 pub use options::{Durability, Options};
 pub use store::Store;
 pub use txn::{RedisHandle, MAX_TTL};
+
+/// The `redis` crate tm-redis was built with, for raw commands on
+/// [`Store::client`] without pinning a version of your own.
+pub use redis;

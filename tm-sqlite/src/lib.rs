@@ -81,3 +81,8 @@ pub use database::{Conn, Database};
 pub use decision_log::SqliteDecisionLog;
 pub use error::{is_retryable, Ending, Error, Result};
 pub use options::{Begin, JournalMode, OnConnect, Options, Synchronous};
+
+/// The `rusqlite` tm-sqlite was built with: use it instead of adding your
+/// own, so that one native SQLite is linked (two `rusqlite` versions
+/// clash over the `links = "sqlite3"` key).
+pub use rusqlite;
