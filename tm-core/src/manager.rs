@@ -308,17 +308,28 @@ impl TransactionManagerBuilder {
 /// Implemented for [`Error`], `Box<dyn std::error::Error + Send + Sync>`,
 /// `Box<dyn std::error::Error>` and (feature `anyhow`) `anyhow::Error`. For
 /// an application error enum, one line: [`tx_error!`](crate::tx_error).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot carry tm's errors out of a transaction closure",
+    label = "the closure's error type must implement `tm::TxError`",
+    note = "for an application error enum, add `tm::tx_error!({Self} => Tm, Sqlite, Redis);` naming the variants that hold tm or adapter errors (needs `From<tm::Error>`); or return `tm::Error` / `Box<dyn std::error::Error + Send + Sync>`"
+)]
 pub trait TxError: From<Error> {
     /// The error as a `std::error::Error`, to walk its `source()` chain.
     fn as_std_error(&self) -> Option<&(dyn std::error::Error + 'static)>;
 
-    /// The tm [`Error`] this value holds directly, if any. The retry
-    /// decision asks it first: a variant marked `#[error(transparent)]`
-    /// forwards `source()` *past* the tm error, so the chain alone would not
-    /// show an [`Error::Conflict`] it holds. [`tx_error!`](crate::tx_error)
-    /// with `=> Variant` implements it.
-    fn tm_error(&self) -> Option<&Error> {
+    /// The error this value holds directly in a variant that
+    /// [`tx_error!`](crate::tx_error) was told about (`=> Tm, Sqlite, ..`):
+    /// a tm error or an adapter's (SQLITE_BUSY, a Redis conflict). The retry
+    /// decision walks its chain too: a variant marked
+    /// `#[error(transparent)]` forwards `source()` *past* the error it
+    /// holds, so the value's own chain would never show it.
+    fn held(&self) -> Option<&(dyn std::error::Error + 'static)> {
         None
+    }
+
+    /// The tm [`Error`] this value holds directly, if any.
+    fn tm_error(&self) -> Option<&Error> {
+        self.held().and_then(|e| e.downcast_ref::<Error>())
     }
 }
 
@@ -353,12 +364,14 @@ impl TxError for anyhow::Error {
 /// Implements [`TxError`] for an application error type that implements
 /// `std::error::Error + From<tm_core::Error>`.
 ///
-/// `tx_error!(AppError => Tm)` also names the variant that holds a
-/// [`tm_core::Error`](Error), so that a retryable tm error in it is retried
-/// even when the variant is `#[error(transparent)]` (which hides it from the
-/// `source()` chain). `tx_error!(AppError)` relies on the chain alone: use it
-/// when the tm error is the variant's `#[source]` (thiserror's `#[from]`
-/// without `transparent`).
+/// `tx_error!(AppError => Tm, Sqlite, Redis)` also names the variants that
+/// hold a [`tm_core::Error`](Error) or an adapter's error (each a one-field
+/// tuple variant), so that a retryable error in them (a conflict,
+/// SQLITE_BUSY, a Redis `LOADING`) is retried even when the variant is
+/// `#[error(transparent)]` — thiserror's most common pattern, which hides
+/// the held error from the `source()` chain. `tx_error!(AppError)` relies on
+/// the chain alone: use it when every such error is a variant's `#[source]`
+/// (`#[from]` without `transparent`).
 ///
 /// ```
 /// use tm_core::{Error, Phase, TransactionManager, Backoff};
@@ -389,19 +402,23 @@ impl TxError for anyhow::Error {
 /// ```
 #[macro_export]
 macro_rules! tx_error {
-    ($ty:ty => $($variant:ident)|+ $(,)?) => {
+    ($ty:ty => $($variant:ident),+ $(,)?) => {
         impl $crate::TxError for $ty {
             fn as_std_error(&self) -> ::std::option::Option<&(dyn ::std::error::Error + 'static)> {
                 ::std::option::Option::Some(self)
             }
             #[allow(unreachable_patterns)]
-            fn tm_error(&self) -> ::std::option::Option<&$crate::Error> {
+            fn held(&self) -> ::std::option::Option<&(dyn ::std::error::Error + 'static)> {
                 match self {
                     $(Self::$variant(e) => ::std::option::Option::Some(e),)+
                     _ => ::std::option::Option::None,
                 }
             }
         }
+    };
+    // The first version's spelling: `=> Tm | Other`.
+    ($ty:ty => $first:ident $(| $rest:ident)+) => {
+        $crate::tx_error!($ty => $first $(, $rest)+);
     };
     ($($ty:ty),+ $(,)?) => {$(
         impl $crate::TxError for $ty {
@@ -730,8 +747,7 @@ impl<E: TxError> RunFailure<E> {
         match self {
             RunFailure::Commit(err) => is_retryable_in(Some(txn), err),
             RunFailure::Work(err) => {
-                err.tm_error()
-                    .is_some_and(|e| is_retryable_in(Some(txn), e))
+                err.held().is_some_and(|e| is_retryable_in(Some(txn), e))
                     || err
                         .as_std_error()
                         .is_some_and(|e| is_retryable_in(Some(txn), e))
