@@ -14,9 +14,11 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // Open two accounts: both stores commit together (two-phase commit).
     tm.run(|txn| {
         let a = accounts.join(txn)?;
-        a.put("alice", 100);
-        a.put("bob", 50);
-        ledger.join(txn)?.put("0", "opened alice=100 bob=50".into());
+        a.put("alice", 100)?;
+        a.put("bob", 50)?;
+        ledger
+            .join(txn)?
+            .put("0", "opened alice=100 bob=50".into())?;
         Ok::<_, tm::Error>(())
     })?;
 
@@ -31,22 +33,22 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             // A concurrent transaction commits first.
             let other = TransactionManager::explicit();
             other.run(|t| {
-                accounts.join(t)?.put("alice", alice + 5);
+                accounts.join(t)?.put("alice", alice + 5)?;
                 Ok::<_, tm::Error>(())
             })?;
         }
-        a.put("alice", alice - 30);
-        a.put("bob", bob + 30);
-        ledger.join(txn)?.put("1", "alice -> bob 30".into());
+        a.put("alice", alice - 30)?;
+        a.put("bob", bob + 30)?;
+        ledger.join(txn)?.put("1", "alice -> bob 30".into())?;
         Ok::<_, tm::Error>(())
     })?;
 
     // A savepoint: the second write is rolled back, the first stays.
     tm.run(|txn| {
         let l = ledger.join(txn)?;
-        l.put("2", "kept".into());
+        l.put("2", "kept".into())?;
         let sp = txn.savepoint()?;
-        l.put("3", "rolled back".into());
+        l.put("3", "rolled back".into())?;
         sp.rollback()?;
         Ok::<_, tm::Error>(())
     })?;

@@ -447,7 +447,7 @@ fn sqlite_commit_run_by_hand_is_refused_at_the_vote_and_the_other_resource_is_ab
     let mem = MemoryStore::<i64>::new();
     let tm = TransactionManager::explicit();
     let txn = tm.begin().unwrap();
-    mem.join(&txn).unwrap().put("m", 1);
+    mem.join(&txn).unwrap().put("m", 1).unwrap();
     let conn = db.join(&txn).unwrap();
     conn.execute_batch("INSERT INTO kv VALUES ('a', 1); COMMIT; BEGIN")
         .unwrap();
@@ -1233,7 +1233,7 @@ impl Three {
             .join(txn)?
             .execute("INSERT INTO kv VALUES (?1, ?2)", rusqlite::params![k, v])?;
         self.redis.join(txn)?.set(k, v)?;
-        self.mem.join(txn)?.put(k, v);
+        self.mem.join(txn)?.put(k, v)?;
         Ok(())
     }
 
@@ -1294,7 +1294,7 @@ fn resources_joined_after_a_savepoint_leave_on_rollback_and_can_join_again() {
     let s = three();
     let tm = s.manager().build();
     let txn = tm.begin().unwrap();
-    s.mem.join(&txn).unwrap().put("a", 1);
+    s.mem.join(&txn).unwrap().put("a", 1).unwrap();
     let sp = txn.savepoint().unwrap();
     // SQLite and Redis join only now.
     s.write(&txn, "b", 1).unwrap();
@@ -1323,7 +1323,7 @@ fn sqlite_failing_at_its_commit_aborts_the_redis_prepare_and_leaves_nothing() {
     let err = tm
         .run(|txn| {
             s.redis.join(txn)?.set("a", 1)?;
-            s.mem.join(txn)?.put("a", 1);
+            s.mem.join(txn)?.put("a", 1)?;
             let conn = s.db.join(txn)?;
             conn.execute_batch("PRAGMA foreign_keys = ON")?;
             conn.execute("INSERT INTO kv VALUES ('a', 1)", [])?;

@@ -56,7 +56,7 @@ impl Bank {
                 )?;
             }
             1 => self.redis.join(txn)?.set(Self::key(id), balance)?,
-            _ => self.memory.join(txn)?.put(&Self::key(id), balance),
+            _ => self.memory.join(txn)?.put(&Self::key(id), balance)?,
         }
         Ok(())
     }

@@ -33,14 +33,14 @@ impl Workload {
         for i in from..from + n {
             let txn = self.tm.begin().unwrap();
             let h = self.store.join(&txn).unwrap();
-            h.put(&format!("k{}", i % 1024), i);
+            h.put(&format!("k{}", i % 1024), i).unwrap();
             txn.join(self.noop.clone()).unwrap();
             if i % 100 == 0 {
                 txn.note("a note");
             }
             if i % 10 == 0 {
                 let sp = txn.savepoint().unwrap();
-                h.put(&format!("k{}", (i + 1) % 1024), i);
+                h.put(&format!("k{}", (i + 1) % 1024), i).unwrap();
                 sp.rollback().unwrap();
             }
             if i % 7 == 0 {

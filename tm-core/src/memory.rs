@@ -363,15 +363,16 @@ impl<V: Clone + Send + Sync + 'static> MemoryHandle<V> {
         Ok(value)
     }
 
-    /// Buffers a write of `key` (ignored, with a warning, once the
-    /// transaction has voted or ended).
-    pub fn put(&self, key: &str, value: V) {
-        self.res.state.lock().write(key, Some(value));
+    /// Buffers a write of `key`. [`Error::Closed`] once the transaction has
+    /// voted or ended: the vote promised exactly what was staged, so a later
+    /// write could only be lost.
+    pub fn put(&self, key: &str, value: V) -> Result<()> {
+        self.res.state.lock().write(key, Some(value))
     }
 
-    /// Buffers a delete of `key`.
-    pub fn delete(&self, key: &str) {
-        self.res.state.lock().write(key, None);
+    /// Buffers a delete of `key` ([`Error::Closed`] as for [`put`](Self::put)).
+    pub fn delete(&self, key: &str) -> Result<()> {
+        self.res.state.lock().write(key, None)
     }
 
     /// The transaction this handle belongs to.
@@ -399,17 +400,14 @@ impl<V> Default for TxnState<V> {
 }
 
 impl<V> TxnState<V> {
-    fn write(&mut self, key: &str, value: Option<V>) {
+    fn write(&mut self, key: &str, value: Option<V>) -> Result<()> {
         if self.ended {
-            tracing::warn!(
-                key,
-                "write through the handle of a transaction that has voted or ended: ignored"
-            );
-            return;
+            return Err(Error::Closed);
         }
         // Append (never overwrite in place): a savepoint is a length.
         self.index.insert(key.to_owned(), self.writes.len());
         self.writes.push((key.to_owned(), value));
+        Ok(())
     }
 }
 

@@ -89,7 +89,7 @@ fn run_returns_the_closures_value() {
     let store = MemoryStore::<i32>::new();
     let v = tm
         .run(|txn| {
-            store.join(txn)?.put("k", 3);
+            store.join(txn)?.put("k", 3)?;
             Ok::<_, Error>("done")
         })
         .unwrap();

@@ -25,7 +25,7 @@ fn four_threads_of_a_thousand_increments_through_run_end_at_exactly_4000() {
                         attempts.fetch_add(1, Ordering::Relaxed);
                         let h = store.join(txn)?;
                         let n = h.get("n")?.unwrap_or(0);
-                        h.put("n", n + 1);
+                        h.put("n", n + 1)?;
                         Ok::<_, Error>(())
                     })
                     .unwrap();
@@ -51,8 +51,8 @@ fn concurrent_transfers_across_two_stores_keep_the_total() {
         .backoff(Backoff::None)
         .build();
     tm.run(|txn| {
-        left.join(txn)?.put("acct", 1000);
-        right.join(txn)?.put("acct", 1000);
+        left.join(txn)?.put("acct", 1000)?;
+        right.join(txn)?.put("acct", 1000)?;
         Ok::<_, Error>(())
     })
     .unwrap();
@@ -66,8 +66,8 @@ fn concurrent_transfers_across_two_stores_keep_the_total() {
                         let (l, r) = (left.join(txn)?, right.join(txn)?);
                         let a = l.get("acct")?.unwrap();
                         let b = r.get("acct")?.unwrap();
-                        l.put("acct", a - amount);
-                        r.put("acct", b + amount);
+                        l.put("acct", a - amount)?;
+                        r.put("acct", b + amount)?;
                         Ok::<_, Error>(())
                     })
                     .unwrap();

@@ -221,7 +221,7 @@ fn a_transaction_of_another_manager_inside_one_is_refused_naming_both() {
     // would commit on their own, once per retry of the outer run.
     let store = tm_core::MemoryStore::<i32>::new();
     let r = tm_core::atomic(|txn| {
-        store.join(txn)?.put("k", 1);
+        store.join(txn)?.put("k", 1)?;
         Ok::<_, Error>(())
     });
     assert!(matches!(r, Err(Error::Nested { .. })), "{r:?}");
@@ -230,7 +230,7 @@ fn a_transaction_of_another_manager_inside_one_is_refused_naming_both() {
     outer.abort().unwrap();
     // Once the outer one ended, both work.
     tm_core::atomic(|txn| {
-        store.join(txn)?.put("k", 1);
+        store.join(txn)?.put("k", 1)?;
         Ok::<_, Error>(())
     })
     .unwrap();

@@ -18,13 +18,13 @@ fn a_transaction_reads_its_own_writes_and_deletes() {
     let txn = tm.begin().unwrap();
     let h = store.join(&txn).unwrap();
     assert_eq!(h.get("k").unwrap(), None);
-    h.put("k", "v1".into());
+    h.put("k", "v1".into()).unwrap();
     assert_eq!(h.get("k").unwrap().as_deref(), Some("v1"));
-    h.put("k", "v2".into());
+    h.put("k", "v2".into()).unwrap();
     assert_eq!(h.get("k").unwrap().as_deref(), Some("v2"));
-    h.delete("k");
+    h.delete("k").unwrap();
     assert_eq!(h.get("k").unwrap(), None);
-    h.put("k", "v3".into());
+    h.put("k", "v3".into()).unwrap();
     txn.commit().unwrap();
     assert_eq!(store.committed("k").as_deref(), Some("v3"));
 }
@@ -34,14 +34,14 @@ fn writes_are_invisible_outside_until_commit_and_abort_discards_them() {
     let tm = tm();
     let store = MemoryStore::<i32>::new();
     let txn = tm.begin().unwrap();
-    store.join(&txn).unwrap().put("k", 1);
+    store.join(&txn).unwrap().put("k", 1).unwrap();
     assert_eq!(store.committed("k"), None);
     txn.abort().unwrap();
     assert_eq!(store.committed("k"), None);
     assert!(store.snapshot().is_empty());
 
     let txn = tm.begin().unwrap();
-    store.join(&txn).unwrap().put("k", 2);
+    store.join(&txn).unwrap().put("k", 2).unwrap();
     txn.commit().unwrap();
     assert_eq!(store.snapshot().get("k"), Some(&2));
 }
@@ -51,12 +51,12 @@ fn committed_delete_removes_the_key() {
     let tm = tm();
     let store = MemoryStore::<i32>::new();
     tm.run(|txn| {
-        store.join(txn)?.put("k", 1);
+        store.join(txn)?.put("k", 1)?;
         Ok::<_, Error>(())
     })
     .unwrap();
     tm.run(|txn| {
-        store.join(txn)?.delete("k");
+        store.join(txn)?.delete("k")?;
         Ok::<_, Error>(())
     })
     .unwrap();
@@ -71,7 +71,7 @@ fn joining_twice_gives_handles_on_the_same_transaction_state() {
     let txn = tm.begin().unwrap();
     let h1 = store.join(&txn).unwrap();
     let h2 = store.join(&txn).unwrap();
-    h1.put("k", 1);
+    h1.put("k", 1).unwrap();
     assert_eq!(h2.get("k").unwrap(), Some(1));
     assert_eq!(txn.resource_names(), ["memory"], "joined once");
     assert_eq!(h1.txid(), txn.id());
@@ -88,10 +88,10 @@ fn a_key_read_then_changed_by_another_transaction_conflicts_at_commit() {
     let seen = h1.get("k").unwrap().unwrap_or(0);
 
     let t2 = tm2.begin().unwrap();
-    store.join(&t2).unwrap().put("k", 100);
+    store.join(&t2).unwrap().put("k", 100).unwrap();
     t2.commit().unwrap();
 
-    h1.put("k", seen + 1);
+    h1.put("k", seen + 1).unwrap();
     let err = t1.commit().unwrap_err();
     match &err {
         Error::Conflict {
@@ -119,15 +119,15 @@ fn a_conflict_at_vote_aborts_the_other_store_too() {
     let t1 = tm1.begin().unwrap();
     let hy = y.join(&t1).unwrap();
     let v = hy.get("k").unwrap().unwrap_or(0);
-    x.join(&t1).unwrap().put("k", 1);
+    x.join(&t1).unwrap().put("k", 1).unwrap();
 
     tm2.run(|txn| {
-        y.join(txn)?.put("k", 50);
+        y.join(txn)?.put("k", 50)?;
         Ok::<_, Error>(())
     })
     .unwrap();
 
-    hy.put("k", v + 1);
+    hy.put("k", v + 1).unwrap();
     let err = t1.commit().unwrap_err();
     assert!(
         matches!(&err, Error::Conflict { resource, phase: Phase::TpcVote, .. } if resource == "y")
@@ -148,8 +148,8 @@ fn transactions_on_disjoint_keys_never_conflict() {
     let (h1, h2) = (store.join(&t1).unwrap(), store.join(&t2).unwrap());
     let a = h1.get("a").unwrap().unwrap_or(0);
     let b = h2.get("b").unwrap().unwrap_or(0);
-    h1.put("a", a + 1);
-    h2.put("b", b + 1);
+    h1.put("a", a + 1).unwrap();
+    h2.put("b", b + 1).unwrap();
     t2.commit().unwrap();
     t1.commit().unwrap();
     assert_eq!(
@@ -165,8 +165,8 @@ fn a_prepared_transaction_locks_its_keys_until_it_is_recovered() {
     let y = MemoryStore::<i32>::named("y");
     y.fail_finish(true);
     let t1 = tm1.begin().unwrap();
-    x.join(&t1).unwrap().put("k", 1);
-    y.join(&t1).unwrap().put("k", 1);
+    x.join(&t1).unwrap().put("k", 1).unwrap();
+    y.join(&t1).unwrap().put("k", 1).unwrap();
     assert!(t1.commit().unwrap_err().is_heuristic());
     tm1.abort().unwrap();
     y.fail_finish(false);
@@ -174,7 +174,7 @@ fn a_prepared_transaction_locks_its_keys_until_it_is_recovered() {
     // Another transaction writing the in-doubt key conflicts...
     let tm2 = tm();
     let r = tm2.run(|txn| {
-        y.join(txn)?.put("k", 2);
+        y.join(txn)?.put("k", 2)?;
         Ok::<_, Error>(())
     });
     assert!(matches!(r, Err(Error::Conflict { .. })), "{r:?}");
@@ -185,7 +185,7 @@ fn a_prepared_transaction_locks_its_keys_until_it_is_recovered() {
     y.commit_prepared(&ids[0]).unwrap(); // idempotent
     assert_eq!(y.committed("k"), Some(1));
     tm2.run(|txn| {
-        y.join(txn)?.put("k", 2);
+        y.join(txn)?.put("k", 2)?;
         Ok::<_, Error>(())
     })
     .unwrap();
@@ -199,8 +199,8 @@ fn abort_prepared_discards_the_prepared_writes_and_is_idempotent() {
     let y = MemoryStore::<i32>::named("y");
     y.fail_finish(true);
     let t1 = tm1.begin().unwrap();
-    x.join(&t1).unwrap().put("k", 1);
-    y.join(&t1).unwrap().put("k", 1);
+    x.join(&t1).unwrap().put("k", 1).unwrap();
+    y.join(&t1).unwrap().put("k", 1).unwrap();
     assert!(t1.commit().is_err());
     tm1.abort().unwrap();
     assert_eq!(y.prepared_count(), 1);
@@ -218,10 +218,10 @@ fn a_handle_of_an_ended_transaction_refuses_reads_and_ignores_writes() {
     let store = MemoryStore::<i32>::new();
     let txn = tm.begin().unwrap();
     let h = store.join(&txn).unwrap();
-    h.put("k", 1);
+    h.put("k", 1).unwrap();
     txn.commit().unwrap();
     assert!(matches!(h.get("k"), Err(Error::Closed)));
-    h.put("k", 2);
+    h.put("k", 2).unwrap();
     assert_eq!(store.committed("k"), Some(1));
     assert!(matches!(store.join(&txn), Err(Error::Closed)));
 }
@@ -232,7 +232,7 @@ fn memory_store_takes_part_in_two_phase_commit_with_other_resources() {
     let tm = tm();
     let store = MemoryStore::<i32>::named("m");
     let txn = tm.begin().unwrap();
-    store.join(&txn).unwrap().put("k", 1);
+    store.join(&txn).unwrap().put("k", 1).unwrap();
     txn.join(TestDataManager::new("a", &log)).unwrap();
     txn.commit().unwrap();
     assert_eq!(store.committed("k"), Some(1));
@@ -251,7 +251,7 @@ fn stores_are_send_sync_and_clone_shares_the_data() {
     let clone = store.clone();
     let tm = tm();
     tm.run(|txn| {
-        clone.join(txn)?.put("k", 9);
+        clone.join(txn)?.put("k", 9)?;
         Ok::<_, Error>(())
     })
     .unwrap();
@@ -297,9 +297,9 @@ fn a_handle_is_closed_once_its_store_has_voted_and_the_vote_keeps_every_write() 
     let tm = tm();
     let txn = tm.begin().unwrap();
     let h = store.join(&txn).unwrap();
-    h.put("k", 1);
-    h.put("k", 2);
-    h.put("j", 3);
+    h.put("k", 1).unwrap();
+    h.put("k", 2).unwrap();
+    h.put("j", 3).unwrap();
     let reader = Arc::new(ReadsAfterVote {
         handle: h.clone(),
         seen: parking_lot::Mutex::new(None),

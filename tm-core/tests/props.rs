@@ -67,11 +67,11 @@ proptest! {
             });
             match op {
                 Op::Put(k, v) => {
-                    store.join(&cur.txn).unwrap().put(&key(k), v);
+                    store.join(&cur.txn).unwrap().put(&key(k), v)?;
                     cur.overlay.insert(key(k), Some(v));
                 }
                 Op::Delete(k) => {
-                    store.join(&cur.txn).unwrap().delete(&key(k));
+                    store.join(&cur.txn).unwrap().delete(&key(k))?;
                     cur.overlay.insert(key(k), None);
                 }
                 Op::Get(k) => {

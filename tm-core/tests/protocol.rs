@@ -779,8 +779,8 @@ fn decision_names_the_recoverable_participants_and_the_metadata() {
     txn.set_user("alice");
     txn.note("transfer");
     txn.set_extension("request", "42");
-    x.join(&txn).unwrap().put("k", 1);
-    y.join(&txn).unwrap().put("k", 2);
+    x.join(&txn).unwrap().put("k", 1).unwrap();
+    y.join(&txn).unwrap().put("k", 2).unwrap();
     txn.join(TestDataManager::new("not-recoverable", &log))
         .unwrap();
     txn.commit().unwrap();
@@ -809,8 +809,8 @@ fn finish_failure_with_a_file_log_is_heuristic_and_recover_finishes_it_after_a_r
             .build();
         y.fail_finish(true);
         let txn = tm.begin().unwrap();
-        x.join(&txn).unwrap().put("k", 1);
-        y.join(&txn).unwrap().put("k", 2);
+        x.join(&txn).unwrap().put("k", 1).unwrap();
+        y.join(&txn).unwrap().put("k", 2).unwrap();
         match txn.commit().unwrap_err() {
             Error::Heuristic {
                 committed,
@@ -861,8 +861,8 @@ fn a_record_prepared_without_a_decision_log_is_never_presumed_aborted() {
     let tm = tm();
     y.fail_finish(true);
     let txn = tm.begin().unwrap();
-    x.join(&txn).unwrap().put("k", 1);
-    y.join(&txn).unwrap().put("k", 2);
+    x.join(&txn).unwrap().put("k", 1).unwrap();
+    y.join(&txn).unwrap().put("k", 2).unwrap();
     assert!(txn.commit().unwrap_err().is_heuristic());
     tm.abort().unwrap();
     y.fail_finish(false);
@@ -896,8 +896,8 @@ fn recover_keeps_a_decision_while_a_participant_was_not_given() {
         .build();
     y.fail_finish(true);
     let txn = tm.begin().unwrap();
-    x.join(&txn).unwrap().put("k", 1);
-    y.join(&txn).unwrap().put("k", 2);
+    x.join(&txn).unwrap().put("k", 1).unwrap();
+    y.join(&txn).unwrap().put("k", 2).unwrap();
     assert!(txn.commit().unwrap_err().is_heuristic());
     tm.abort().unwrap();
     y.fail_finish(false);
@@ -922,8 +922,8 @@ fn successful_commit_with_a_file_log_leaves_nothing_pending() {
     let y = MemoryStore::<i32>::named("y");
     for i in 0..3 {
         let txn = tm.begin().unwrap();
-        x.join(&txn).unwrap().put("k", i);
-        y.join(&txn).unwrap().put("k", i);
+        x.join(&txn).unwrap().put("k", i).unwrap();
+        y.join(&txn).unwrap().put("k", i).unwrap();
         txn.commit().unwrap();
     }
     assert!(tm_core::DecisionLog::pending(&*flog).unwrap().is_empty());

@@ -52,8 +52,8 @@ fn setup() -> Setup {
 fn leave_y_in_doubt(s: &Setup, tm: &TransactionManager, k: i64) -> TxId {
     s.y.fail_finish(true);
     let txn = tm.begin().unwrap();
-    s.x.join(&txn).unwrap().put("k", k);
-    s.y.join(&txn).unwrap().put("k", k);
+    s.x.join(&txn).unwrap().put("k", k).unwrap();
+    s.y.join(&txn).unwrap().put("k", k).unwrap();
     let err = txn.commit().unwrap_err();
     assert!(err.is_heuristic(), "{err}");
     tm.abort().unwrap();
@@ -159,8 +159,8 @@ fn an_undecided_record_younger_than_the_grace_period_is_deferred_then_fenced_and
     let (x, y) = (s.x.clone(), s.y.clone());
     let coordinator = std::thread::spawn(move || {
         let txn = tm.begin().unwrap();
-        x.join(&txn).unwrap().put("k", 1);
-        y.join(&txn).unwrap().put("k", 1);
+        x.join(&txn).unwrap().put("k", 1).unwrap();
+        y.join(&txn).unwrap().put("k", 1).unwrap();
         let result = txn.commit();
         (txn.id(), txn.status(), result)
     });
@@ -275,8 +275,8 @@ fn finishing_a_record_that_recovery_aborted_is_heuristic_never_ok() {
         y: s.y.clone(),
     }));
     let txn = tm.begin().unwrap();
-    s.x.join(&txn).unwrap().put("k", 1);
-    s.y.join(&txn).unwrap().put("k", 1);
+    s.x.join(&txn).unwrap().put("k", 1).unwrap();
+    s.y.join(&txn).unwrap().put("k", 1).unwrap();
     match txn.commit().unwrap_err() {
         Error::Heuristic {
             committed,
@@ -412,7 +412,11 @@ fn the_recovery_service_at_1ms_without_grace_never_breaks_concurrent_transfers()
         let store = if i % 2 == 0 { &s.x } else { &s.y };
         let tm = TransactionManager::explicit();
         let txn = tm.begin().unwrap();
-        store.join(&txn).unwrap().put(&format!("a{i}"), START);
+        store
+            .join(&txn)
+            .unwrap()
+            .put(&format!("a{i}"), START)
+            .unwrap();
         txn.commit().unwrap();
     }
     let service = RecoveryService::builder(
@@ -446,7 +450,7 @@ fn the_recovery_service_at_1ms_without_grace_never_breaks_concurrent_transfers()
                             let h = store.join(txn)?;
                             let key = format!("a{acct}");
                             let v = h.get(&key)?.unwrap_or(0);
-                            h.put(&key, v + delta);
+                            h.put(&key, v + delta)?;
                         }
                         Ok::<_, Error>(())
                     });

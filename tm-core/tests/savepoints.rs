@@ -15,12 +15,12 @@ fn rollback_restores_every_resource_to_the_savepoint() {
     let y = MemoryStore::<i32>::named("y");
     let txn = tm.begin().unwrap();
     let (hx, hy) = (x.join(&txn).unwrap(), y.join(&txn).unwrap());
-    hx.put("k", 1);
-    hy.put("k", 1);
+    hx.put("k", 1).unwrap();
+    hy.put("k", 1).unwrap();
     let sp = txn.savepoint().unwrap();
-    hx.put("k", 2);
-    hy.delete("k");
-    hy.put("new", 5);
+    hx.put("k", 2).unwrap();
+    hy.delete("k").unwrap();
+    hy.put("new", 5).unwrap();
     sp.rollback().unwrap();
     assert_eq!(hx.get("k").unwrap(), Some(1));
     assert_eq!(hy.get("k").unwrap(), Some(1));
@@ -57,10 +57,10 @@ fn a_savepoint_can_be_rolled_back_to_again() {
     let store = MemoryStore::<i32>::new();
     let txn = tm.begin().unwrap();
     let h = store.join(&txn).unwrap();
-    h.put("k", 1);
+    h.put("k", 1).unwrap();
     let sp = txn.savepoint().unwrap();
     for v in 2..5 {
-        h.put("k", v);
+        h.put("k", v).unwrap();
         sp.rollback().unwrap();
         assert_eq!(h.get("k").unwrap(), Some(1));
         assert!(sp.is_valid());
@@ -76,11 +76,11 @@ fn rollback_invalidates_later_savepoints_but_not_itself_or_earlier_ones() {
     let txn = tm.begin().unwrap();
     let h = store.join(&txn).unwrap();
     let sp1 = txn.savepoint().unwrap();
-    h.put("k", 1);
+    h.put("k", 1).unwrap();
     let sp2 = txn.savepoint().unwrap();
-    h.put("k", 2);
+    h.put("k", 2).unwrap();
     let sp3 = txn.savepoint().unwrap();
-    h.put("k", 3);
+    h.put("k", 3).unwrap();
     sp2.rollback().unwrap();
     assert!(sp1.is_valid() && sp2.is_valid());
     assert!(!sp3.is_valid());
@@ -286,7 +286,7 @@ fn memory_store_joined_after_a_savepoint_loses_its_writes_on_rollback_and_can_re
     let txn = tm.begin().unwrap();
     let sp = txn.savepoint().unwrap();
     let h = store.join(&txn).unwrap();
-    h.put("k", 1);
+    h.put("k", 1).unwrap();
     sp.rollback().unwrap();
     assert!(
         matches!(h.get("k"), Err(Error::Closed)),
@@ -294,7 +294,7 @@ fn memory_store_joined_after_a_savepoint_loses_its_writes_on_rollback_and_can_re
     );
     let h = store.join(&txn).unwrap();
     assert_eq!(h.get("k").unwrap(), None);
-    h.put("j", 2);
+    h.put("j", 2).unwrap();
     txn.commit().unwrap();
     assert_eq!(
         (store.committed("k"), store.committed("j")),
@@ -309,7 +309,7 @@ fn rollback_works_on_a_doomed_transaction() {
     let txn = tm.begin().unwrap();
     let h = store.join(&txn).unwrap();
     let sp = txn.savepoint().unwrap();
-    h.put("k", 1);
+    h.put("k", 1).unwrap();
     txn.doom().unwrap();
     sp.rollback().unwrap();
     assert_eq!(h.get("k").unwrap(), None);
@@ -322,10 +322,10 @@ fn nested_atomic_err_rolls_back_only_the_inner_block() {
     let tm = tm();
     let store = MemoryStore::<i32>::new();
     tm.atomic(|txn| {
-        store.join(txn)?.put("outer", 1);
+        store.join(txn)?.put("outer", 1)?;
         let inner: Result<(), Error> = tm.atomic(|txn| {
-            store.join(txn)?.put("inner", 2);
-            store.join(txn)?.put("outer", 99);
+            store.join(txn)?.put("inner", 2)?;
+            store.join(txn)?.put("outer", 99)?;
             Err(Error::InvalidArgument("no".into()))
         });
         assert!(inner.is_err());
@@ -347,7 +347,7 @@ fn nested_atomic_ok_keeps_its_changes_in_the_outer_transaction() {
             let outer_txn = txn.clone();
             let n = tm.atomic(|txn| {
                 assert_eq!(*txn, outer_txn, "nested = same transaction");
-                store.join(txn)?.put("k", 7);
+                store.join(txn)?.put("k", 7)?;
                 Ok::<_, Error>(7)
             })?;
             Ok::<_, Error>(n + 1)
@@ -404,9 +404,9 @@ fn atomic_inside_run_is_a_savepoint() {
     let store = MemoryStore::<i32>::new();
     tm.run(|txn| {
         let h = store.join(txn)?;
-        h.put("a", 1);
+        h.put("a", 1)?;
         let _ = tm.atomic(|txn| {
-            store.join(txn)?.put("b", 2);
+            store.join(txn)?.put("b", 2)?;
             Err::<(), _>(Error::InvalidArgument("undo".into()))
         });
         Ok::<_, Error>(())
@@ -426,7 +426,7 @@ fn panic_inside_nested_atomic_rolls_back_aborts_the_outer_and_propagates() {
     let payload = catch_unwind(AssertUnwindSafe(|| {
         tm.atomic(|txn| {
             txn.join(TestDataManager::new("a", &log))?;
-            store.join(txn)?.put("k", 1);
+            store.join(txn)?.put("k", 1)?;
             tm.atomic(|_| -> Result<(), Error> { panic!("inner boom") })
         })
     }))
@@ -444,7 +444,7 @@ fn panic_inside_nested_atomic_rolls_back_aborts_the_outer_and_propagates() {
     assert_eq!(store.committed("k"), None);
     // The manager is usable.
     tm.atomic(|txn| {
-        store.join(txn)?.put("k", 2);
+        store.join(txn)?.put("k", 2)?;
         Ok::<_, Error>(())
     })
     .unwrap();

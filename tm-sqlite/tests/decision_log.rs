@@ -57,7 +57,7 @@ fn a_completed_two_phase_commit_leaves_no_pending_decision() {
     let store = MemoryStore::<i64>::new();
     tm.run(|txn| {
         insert(&*db.join(txn)?, "row")?;
-        store.join(txn)?.put("k", 1);
+        store.join(txn)?.put("k", 1)?;
         Ok::<_, BoxError>(())
     })
     .unwrap();
@@ -113,7 +113,7 @@ fn no_sqlite_commit_means_no_decision_row() {
         .unwrap()
         .execute("INSERT INTO child (parent) VALUES (7)", [])
         .unwrap();
-    store.join(&txn).unwrap().put("k", 1);
+    store.join(&txn).unwrap().put("k", 1).unwrap();
     // The decision row is inserted, then the COMMIT fails on the deferred
     // foreign key: the row goes with it.
     let err = txn.commit().unwrap_err();
@@ -135,7 +135,7 @@ fn recovery_finishes_a_prepared_store_from_the_sqlite_decision() {
     store.fail_finish(true);
     let txn = tm.begin().unwrap();
     insert(&db.join(&txn).unwrap(), "row").unwrap();
-    store.join(&txn).unwrap().put("k", 5);
+    store.join(&txn).unwrap().put("k", 5).unwrap();
     assert!(matches!(txn.commit(), Err(Error::Heuristic { .. })));
     txn.abort().unwrap();
     assert_eq!(store.prepared_count(), 1);
@@ -180,8 +180,8 @@ fn without_sqlite_joined_the_decision_is_its_own_transaction() {
     let b = MemoryStore::<i64>::named("b");
     b.fail_finish(true);
     let txn = tm.begin().unwrap();
-    a.join(&txn).unwrap().put("k", 1);
-    b.join(&txn).unwrap().put("k", 2);
+    a.join(&txn).unwrap().put("k", 1).unwrap();
+    b.join(&txn).unwrap().put("k", 2).unwrap();
     assert!(matches!(txn.commit(), Err(Error::Heuristic { .. })));
     txn.abort().unwrap();
     assert_eq!(pending_ids(&log), [txn.id()]);
@@ -205,7 +205,7 @@ fn completed_decisions_are_deleted_in_batches_not_one_write_each() {
     let transfer = |i: i64| {
         tm.run(|txn| {
             insert(&*db.join(txn)?, &format!("row{i}"))?;
-            store.join(txn)?.put("k", i);
+            store.join(txn)?.put("k", i)?;
             Ok::<_, BoxError>(())
         })
         .unwrap()

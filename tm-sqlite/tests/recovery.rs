@@ -135,7 +135,7 @@ fn an_abort_recorded_first_fences_the_coordinators_commit_and_nothing_commits() 
     .unwrap();
     assert_eq!(outcome, Outcome::Aborted);
     insert(&db.join(&txn).unwrap(), "row").unwrap();
-    store.join(&txn).unwrap().put("k", 1);
+    store.join(&txn).unwrap().put("k", 1).unwrap();
     match txn.commit() {
         Err(Error::Fenced { txid: fenced }) => assert_eq!(fenced, txid),
         other => panic!("expected Fenced, got {other:?}"),
@@ -161,7 +161,7 @@ fn record_abort_waiting_on_a_committing_coordinator_learns_it_committed() {
     let txid = txn.id();
     // The coordinator holds SQLite's write lock (BEGIN IMMEDIATE at join).
     insert(&db.join(&txn).unwrap(), "row").unwrap();
-    store.join(&txn).unwrap().put("k", 1);
+    store.join(&txn).unwrap().put("k", 1).unwrap();
     let path = support::db_path(dir.path());
     let recovery = std::thread::spawn(move || {
         let other = SqliteDecisionLog::new(&Database::open(path).unwrap()).unwrap();
@@ -338,7 +338,7 @@ fn recovery_fences_a_stalled_coordinator_and_its_late_commit_is_refused() {
     let store = MemoryStore::<i64>::named("accounts");
     let txn = tm.begin().unwrap();
     let _ = db.join(&txn).unwrap();
-    store.join(&txn).unwrap().put("k", 1);
+    store.join(&txn).unwrap().put("k", 1).unwrap();
     // Recovery runs between the store's vote and the SQLite commit.
     let report = Arc::new(parking_lot::Mutex::new(None));
     let (r, l, s) = (report.clone(), log.clone(), store.clone());

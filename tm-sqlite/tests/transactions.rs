@@ -173,10 +173,10 @@ fn a_savepoint_spans_sqlite_and_another_store() {
     let tm = manager();
     let txn = tm.begin().unwrap();
     insert(&db.join(&txn).unwrap(), "a").unwrap();
-    store.join(&txn).unwrap().put("k", 1);
+    store.join(&txn).unwrap().put("k", 1).unwrap();
     let sp = txn.savepoint().unwrap();
     insert(&db.join(&txn).unwrap(), "b").unwrap();
-    store.join(&txn).unwrap().put("k", 2);
+    store.join(&txn).unwrap().put("k", 2).unwrap();
     sp.rollback().unwrap();
     txn.commit().unwrap();
     assert_eq!(item_names(db.path()), ["a"]);
