@@ -155,21 +155,17 @@ enum Second {
 }
 
 impl Second {
-    fn key(id: u32) -> String {
-        format!("bank:account:{id}")
-    }
-
-    fn read(&self, txn: &Transaction, id: u32) -> Result<i64, BoxError> {
+    fn read(&self, txn: &Transaction, key: &str) -> Result<i64, BoxError> {
         match self {
-            Second::Memory(m) => Ok(m.join(txn)?.get(&Self::key(id))?.unwrap_or(0)),
-            Second::Redis(r) => Ok(r.join(txn)?.get::<i64>(Self::key(id))?.unwrap_or(0)),
+            Second::Memory(m) => Ok(m.join(txn)?.get(key)?.unwrap_or(0)),
+            Second::Redis(r) => Ok(r.join(txn)?.get::<i64>(key)?.unwrap_or(0)),
         }
     }
 
-    fn write(&self, txn: &Transaction, id: u32, balance: i64) -> Result<(), BoxError> {
+    fn write(&self, txn: &Transaction, key: &str, balance: i64) -> Result<(), BoxError> {
         match self {
-            Second::Memory(m) => m.join(txn)?.put(&Self::key(id), balance),
-            Second::Redis(r) => r.join(txn)?.set(Self::key(id), balance)?,
+            Second::Memory(m) => m.join(txn)?.put(key, balance),
+            Second::Redis(r) => r.join(txn)?.set(key, balance)?,
         }
         Ok(())
     }
@@ -240,6 +236,11 @@ impl DataManager for Crasher {
 }
 
 struct Bank {
+    /// Second-store keys are `bank:<log id>:account:<n>`: the decision
+    /// log's id is kept in the SQLite file, so banks on one file share
+    /// their accounts and banks on different files never touch each
+    /// other's, even on one Redis.
+    namespace: String,
     db: Database,
     sqlite_path: PathBuf,
     second: Second,
@@ -253,6 +254,10 @@ struct Snapshot {
 }
 
 impl Bank {
+    fn key(&self, id: u32) -> String {
+        format!("bank:{}:account:{id}", self.namespace)
+    }
+
     fn read(&self, txn: &Transaction, id: u32) -> Result<i64, BoxError> {
         if id.is_multiple_of(2) {
             let conn = self.db.join(txn)?;
@@ -262,7 +267,7 @@ impl Bank {
                 })?,
             )
         } else {
-            self.second.read(txn, id)
+            self.second.read(txn, &self.key(id))
         }
     }
 
@@ -275,7 +280,7 @@ impl Bank {
             )?;
             Ok(())
         } else {
-            self.second.write(txn, id, balance)
+            self.second.write(txn, &self.key(id), balance)
         }
     }
 
@@ -317,7 +322,7 @@ impl Bank {
             };
             let mut balances: BTreeMap<u32, i64> = rows.into_iter().collect();
             for id in (1..self.accounts).step_by(2) {
-                balances.insert(id, self.second.read(txn, id)?);
+                balances.insert(id, self.second.read(txn, &self.key(id))?);
             }
             Ok::<_, BoxError>(Snapshot { balances, expected })
         })
@@ -345,7 +350,7 @@ impl Bank {
                 drop(insert);
                 drop(conn);
                 for id in (start..end).filter(|id| id % 2 == 1) {
-                    self.second.write(txn, id, INITIAL_BALANCE)?;
+                    self.second.write(txn, &self.key(id), INITIAL_BALANCE)?;
                 }
                 Ok::<_, BoxError>(())
             })?;
@@ -531,6 +536,7 @@ fn run(args: Args) -> Result<Outcome, BoxError> {
     // Banks sharing the file share this log (its id is kept in the file).
     let decision_log = Arc::new(SqliteDecisionLog::new(&db)?);
     let bank = Arc::new(Bank {
+        namespace: decision_log.id().to_string(),
         db: db.clone(),
         sqlite_path: sqlite_path.clone(),
         second: second.clone(),
