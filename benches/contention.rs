@@ -51,7 +51,7 @@ impl Bank {
 
     fn read(&self, txn: &Transaction, id: u64) -> Result<i64, BoxError> {
         match self {
-            Bank::Mixed(db, _) if id % 2 == 0 => Ok(db.join(txn)?.query_row(
+            Bank::Mixed(db, _) if id.is_multiple_of(2) => Ok(db.join(txn)?.query_row(
                 "SELECT balance FROM account WHERE id = ?1",
                 [id as i64],
                 |r| r.get(0),
@@ -62,13 +62,13 @@ impl Bank {
 
     fn write(&self, txn: &Transaction, id: u64, balance: i64) -> Result<(), BoxError> {
         match self {
-            Bank::Mixed(db, _) if id % 2 == 0 => {
+            Bank::Mixed(db, _) if id.is_multiple_of(2) => {
                 db.join(txn)?.execute(
                     "UPDATE account SET balance = ?1 WHERE id = ?2",
                     [balance, id as i64],
                 )?;
             }
-            Bank::Memory(m) | Bank::Mixed(_, m) => m.join(txn)?.put(&key(id), balance),
+            Bank::Memory(m) | Bank::Mixed(_, m) => m.join(txn)?.put(&key(id), balance)?,
         }
         Ok(())
     }
@@ -76,7 +76,7 @@ impl Bank {
     fn total(&self) -> i64 {
         (0..ACCOUNTS)
             .map(|id| match self {
-                Bank::Mixed(db, _) if id % 2 == 0 => db
+                Bank::Mixed(db, _) if id.is_multiple_of(2) => db
                     .with_connection(|c| {
                         c.query_row(
                             "SELECT balance FROM account WHERE id = ?1",
@@ -109,13 +109,13 @@ fn new_bank(mixed: bool, dir: &std::path::Path) -> Bank {
     tm.run(|txn| {
         for id in 0..ACCOUNTS {
             match &bank {
-                Bank::Mixed(db, _) if id % 2 == 0 => {
+                Bank::Mixed(db, _) if id.is_multiple_of(2) => {
                     db.join(txn)?.execute(
                         "INSERT INTO account (id, balance) VALUES (?1, ?2)",
                         [id as i64, INITIAL],
                     )?;
                 }
-                Bank::Memory(m) | Bank::Mixed(_, m) => m.join(txn)?.put(&key(id), INITIAL),
+                Bank::Memory(m) | Bank::Mixed(_, m) => m.join(txn)?.put(&key(id), INITIAL)?,
             }
         }
         Ok::<_, BoxError>(())

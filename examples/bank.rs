@@ -164,7 +164,7 @@ impl Second {
 
     fn write(&self, txn: &Transaction, key: &str, balance: i64) -> Result<(), BoxError> {
         match self {
-            Second::Memory(m) => m.join(txn)?.put(key, balance),
+            Second::Memory(m) => m.join(txn)?.put(key, balance)?,
             Second::Redis(r) => r.join(txn)?.set(key, balance)?,
         }
         Ok(())

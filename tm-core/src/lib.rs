@@ -19,8 +19,8 @@
 //!     let a = accounts.join(txn)?;
 //!     let log = audit.join(txn)?;
 //!     let balance = a.get("alice")?.unwrap_or(0);
-//!     a.put("alice", balance + 10);
-//!     log.put("last", "alice +10".to_string());
+//!     a.put("alice", balance + 10)?;
+//!     log.put("last", "alice +10".to_string())?;
 //!     Ok::<_, tm_core::Error>(())
 //! })?;
 //!

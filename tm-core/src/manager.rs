@@ -153,7 +153,7 @@ impl Shared {
 /// let total = tm.run(|txn| {
 ///     let h = store.join(txn)?;
 ///     let n = h.get("n")?.unwrap_or(0) + 1;
-///     h.put("n", n);
+///     h.put("n", n)?;
 ///     Ok::<_, tm_core::Error>(n)
 /// })?;
 /// assert_eq!(total, 1);
@@ -590,7 +590,7 @@ impl TransactionManager {
     /// let store = MemoryStore::<u32>::new();
     /// for attempt in tm.attempts_n(5) {
     ///     let done = attempt.run(|txn| {
-    ///         store.join(txn)?.put("k", 7);
+    ///         store.join(txn)?.put("k", 7)?;
     ///         Ok::<_, tm_core::Error>(())
     ///     })?;
     ///     if done.is_some() { break; }
@@ -651,9 +651,9 @@ impl TransactionManager {
     /// let tm = TransactionManager::explicit();
     /// let store = MemoryStore::<i32>::new();
     /// tm.atomic(|txn| {
-    ///     store.join(txn)?.put("kept", 1);
+    ///     store.join(txn)?.put("kept", 1)?;
     ///     let inner: Result<(), tm_core::Error> = tm.atomic(|txn| {
-    ///         store.join(txn)?.put("undone", 2);
+    ///         store.join(txn)?.put("undone", 2)?;
     ///         Err(tm_core::Error::InvalidArgument("changed my mind".into()))
     ///     });
     ///     assert!(inner.is_err());

@@ -44,7 +44,7 @@ use crate::txid::{TxId, TxIdMap};
 /// let store = MemoryStore::<String>::new();
 /// tm.run(|txn| {
 ///     let h = store.join(txn)?;
-///     h.put("greeting", "hello".to_string());
+///     h.put("greeting", "hello".to_string())?;
 ///     assert_eq!(h.get("greeting")?.as_deref(), Some("hello")); // own write
 ///     Ok::<_, tm_core::Error>(())
 /// })?;

@@ -27,7 +27,7 @@ pub(crate) type SavepointEntry = (Arc<dyn DataManager>, Option<Box<dyn ResourceS
 /// let txn = tm.begin()?;
 /// let h = store.join(&txn)?;
 /// let first = txn.savepoint()?;
-/// h.put("k", "one");
+/// h.put("k", "one")?;
 /// let second = txn.savepoint()?;
 /// first.rollback()?;
 /// assert_eq!(h.get("k")?, None);

@@ -41,7 +41,7 @@ type AbortHook = Box<dyn FnOnce(&Transaction) + Send>;
 /// let store = MemoryStore::<i64>::new();
 /// let txn = tm.begin()?;
 /// txn.note("open the account");
-/// store.join(&txn)?.put("alice", 100);
+/// store.join(&txn)?.put("alice", 100)?;
 /// txn.commit()?;
 /// assert_eq!(txn.status(), Status::Committed);
 /// assert_eq!(store.committed("alice"), Some(100));
@@ -1114,9 +1114,9 @@ impl Transaction {
     /// let store = MemoryStore::<i64>::new();
     /// let txn = tm.begin()?;
     /// let h = store.join(&txn)?;
-    /// h.put("a", 1);
+    /// h.put("a", 1)?;
     /// let sp = txn.savepoint()?;
-    /// h.put("a", 2);
+    /// h.put("a", 2)?;
     /// sp.rollback()?;
     /// assert_eq!(h.get("a")?, Some(1));
     /// # Ok::<(), tm_core::Error>(())

@@ -172,7 +172,7 @@ fn create_or_read_id(c: &Connection) -> rusqlite::Result<String> {
 ///
 /// tm.run(|txn| {
 ///     db.join(txn)?.execute("INSERT INTO t VALUES (1)", [])?;
-///     store.join(txn)?.put("x", 1);
+///     store.join(txn)?.put("x", 1)?;
 ///     Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
 /// })?;
 /// assert!(log.pending()?.is_empty()); // recorded, then forgotten once all finished
