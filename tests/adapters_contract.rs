@@ -1,5 +1,5 @@
-//! The SQLite and Redis adapters as DESIGN.md ("SQLite", "Redis",
-//! "Durability") and issues 3 and 4 promise them, written from the outside:
+//! The SQLite and Redis adapters as their crate docs and the recovery
+//! contract promise them, written from the outside:
 //! only the public names of the `tm` facade, real SQLite files in temporary
 //! directories and a real `redis-server` per test (`TestServer`).
 

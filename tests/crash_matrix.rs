@@ -1,6 +1,6 @@
 //! The crash matrix: a process killed (SIGKILL) at each named point of a
 //! two-phase commit, or of the recovery that follows one, leaves nothing
-//! half done once `recover` has run (DESIGN.md, "Durability and recovery").
+//! half done once `recover` has run.
 //!
 //! Like sled's crash tests, this binary re-spawns itself: a child (chosen by
 //! environment variables) runs one transfer, or one recovery pass, and

@@ -1,6 +1,6 @@
 //! Several bank-like processes on one SQLite file and one Redis: each start
 //! recovers and runs a `RecoveryService`, none may hurt another, and no
-//! failure is silent (DESIGN "The main job", issue 8 "Multi-process").
+//! failure is silent.
 //!
 //! The binary re-spawns itself as a worker (an environment variable picks
 //! the role, as in `crash_matrix.rs`). A worker's every transfer moves money

@@ -22,30 +22,52 @@
 //!
 //! A resource whose `tpc_finish` fails *after the decision* gets no ending in
 //! this process: it stays prepared (in doubt), is named in
-//! [`Error::Heuristic`], and is finished later by
-//! [`recover`](crate::recover). tm never rolls back a participant after the
-//! decision.
+//! [`Error::Heuristic`]'s `in_doubt`, and is finished later by
+//! [`recover`](crate::recover) (or a [`RecoveryService`](crate::RecoveryService)).
+//! tm never rolls back a participant after the decision. One exception,
+//! allowed only with
+//! [`allow_multiple_last_resources`](crate::TransactionManagerBuilder::allow_multiple_last_resources):
+//! a *second* one-phase resource that refuses after the first committed gets
+//! `tpc_abort` and is named in `rolled_back`.
 //!
 //! # Two-phase commit, in order
 //!
 //! For a transaction with two or more resources, sorted by
 //! [`sort_key`](DataManager::sort_key) (stable: ties keep join order):
 //!
+//! 0. the set-up is checked, before anything is prepared: a resource that
+//!    [`prepares_durably`](DataManager::prepares_durably) beside others needs
+//!    a decision log; a one-phase resource beside it must
+//!    [host](DataManager::hosted_log) that log; at most one one-phase
+//!    resource, unless allowed ([`Error::UnsafeSetup`] otherwise);
 //! 1. `tpc_begin` on every resource;
 //! 2. `commit` on every resource (stage the changes);
 //! 3. `tpc_vote` on every resource that [`can_prepare`](DataManager::can_prepare);
-//! 4. the decision is made durable in the decision log, if one is configured;
+//! 4. the decision: when a decision log is configured and some resource can
+//!    prepare, it is recorded ([`DecisionLog::record_commit`](crate::DecisionLog::record_commit);
+//!    [`Error::Fenced`] if recovery recorded an abort first: everything is
+//!    aborted as in a failure before the decision);
 //! 5. `tpc_vote` then `tpc_finish` on each resource that cannot prepare (the
-//!    *last resource*: its own commit is the decision);
-//! 6. `tpc_finish` on every other resource.
+//!    *last resource*: its own commit is the decision, and the decision
+//!    record rides inside it). If it fails, the fence settles whether it
+//!    committed after all ([`DecisionLog::record_abort`](crate::DecisionLog::record_abort));
+//! 6. `tpc_finish` on every other resource. A finish that finds its prepared
+//!    record gone returns [`Error::RecordMissing`] (never `Ok`): aborted, or
+//!    lost.
 //!
-//! Panics in any of these methods are caught and treated as an error of that
-//! resource in that phase ([`Error::Panicked`]).
+//! A failure before the decision ends every resource once: `tpc_abort` for
+//! those whose `tpc_begin` ran, `abort` for the others.
+//!
+//! Panics in any call tm makes into a resource (the protocol methods, and
+//! `sort_key`, `can_prepare`, `recovery_id`, `prepares_durably`,
+//! `hosted_log`) are caught and treated as an error of that resource in
+//! that phase ([`Error::Panicked`]).
 //!
 //! # Threads
 //!
-//! Calls for one transaction come from the thread that commits or aborts it,
-//! never concurrently. Different transactions may call the same data manager
+//! Calls for one transaction come from the thread that commits, aborts or
+//! takes a savepoint of it, never concurrently: the transaction's status
+//! admits one such operation at a time (see `status.rs`). Different transactions may call the same data manager
 //! object from different threads, hence `Send + Sync`.
 
 use crate::error::{Error, Result};
@@ -179,7 +201,7 @@ pub trait DataManager: Send + Sync {
     /// Whether this resource's prepared state survives a crash of this
     /// process (a durable prepare, as tm-redis's). A transaction with such a
     /// resource beside others needs a decision log, or the commit is refused
-    /// ([`Error::UnsafeSetup`](crate::Error::UnsafeSetup)): after a crash,
+    /// ([`Error::UnsafeSetup`]): after a crash,
     /// nothing could tell recovery whether to commit or abort it.
     ///
     /// Default: `recovery_id().is_some()`. An in-memory resource that is

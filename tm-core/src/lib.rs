@@ -29,23 +29,16 @@
 //! # Ok::<(), tm_core::Error>(())
 //! ```
 //!
-//! ## The commit protocol
+//! ## Where things are
 //!
-//! 1. A doomed transaction refuses to commit ([`Error::Doomed`]).
-//! 2. Before-commit hooks run (they may join resources), then synchronizers'
-//!    `before_completion`.
-//! 3. Resources are sorted by [`DataManager::sort_key`] (stable).
-//! 4. One resource: [`DataManager::commit_one_phase`], done.
-//! 5. Otherwise `tpc_begin`, `commit`, `tpc_vote` on all (that can prepare).
-//! 6. The decision is logged, if a [`DecisionLog`] is configured.
-//! 7. Resources that cannot prepare (SQLite) are voted and finished last:
-//!    their commit is the decision.
-//! 8. `tpc_finish` on the rest; a failure now is [`Error::Heuristic`].
-//! 9. A failure before the decision ends every resource exactly once
-//!    (`tpc_abort` if its `tpc_begin` ran, `abort` otherwise).
-//! 10. After-commit hooks, synchronizers' `after_completion`.
-//!
-//! See [`data_manager`] for the contract a resource implements.
+//! * The protocol a resource implements, and every guarantee tm gives it, is
+//!   written once, in [`data_manager`].
+//! * Durability and recovery: [`DecisionLog`] (with the fence,
+//!   [`DecisionLog::record_abort`]), [`FileDecisionLog`], [`recover`] and
+//!   [`recover_with`] (ownership, grace, fenced presumed abort),
+//!   [`RecoveryService`] (recovery on a thread you own).
+//! * [`Status`] and the one rule by which it changes.
+//! * [`testing`]: fault injection for your own code's failure paths.
 
 #![warn(missing_docs)]
 

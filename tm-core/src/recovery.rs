@@ -1,28 +1,5 @@
 //! Crash recovery: finishing what a crash, a stall or a failed finish left
 //! prepared, without ever hurting a live transaction.
-//!
-//! The rules, each after the transaction managers that learned them the
-//! hard way:
-//!
-//! * **Ownership.** Every prepared record names the [`LogId`] of the
-//!   coordinator that prepared it. [`recover`] resolves only the records of
-//!   its own log; all others are reported as [`foreign`](RecoveryReport::foreign)
-//!   and left alone (Narayana's node filter, Atomikos' name prefix). Taking
-//!   over a dead coordinator's records is an explicit operator action
-//!   ([`RecoveryOptions::take_over`]).
-//! * **Grace.** A record younger than [`RecoveryOptions::grace`] (its age
-//!   measured by the store's own clock) is left for a later pass, so a
-//!   normal pass never aborts a live coordinator's work.
-//! * **Fenced presumed abort.** Before aborting an undecided record,
-//!   recovery records the abort in the log ([`DecisionLog::record_abort`]);
-//!   a coordinator that arrives later with its commit gets
-//!   [`Error::Fenced`] and aborts cleanly. If the commit was recorded first,
-//!   recovery commits instead. Recovery is therefore safe at any moment,
-//!   from any process sharing the log, as often as you like.
-//! * **A missing record is never success.** A decided transaction whose
-//!   record is gone is reported as [`already_finished`](RecoveryReport::already_finished)
-//!   only when the resource holds a receipt of its commit; otherwise it is
-//!   [`lost`](RecoveryReport::lost), and its decision is kept.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -204,6 +181,30 @@ impl fmt::Display for RecoveryReport {
 
 /// [`recover_with`] with the default [`RecoveryOptions`] (5 s grace).
 ///
+/// The rules, each after the transaction managers that learned them the
+/// hard way:
+///
+/// * **Ownership.** Every prepared record names the [`LogId`] of the
+///   coordinator that prepared it. [`recover`] resolves only the records of
+///   its own log; all others are reported as [`foreign`](RecoveryReport::foreign)
+///   and left alone (Narayana's node filter, Atomikos' name prefix). Taking
+///   over a dead coordinator's records is an explicit operator action
+///   ([`RecoveryOptions::take_over`]).
+/// * **Grace.** A record younger than [`RecoveryOptions::grace`] (its age
+///   measured by the store's own clock) is left for a later pass, so a
+///   normal pass never aborts a live coordinator's work.
+/// * **Fenced presumed abort.** Before aborting an undecided record,
+///   recovery records the abort in the log ([`DecisionLog::record_abort`]);
+///   a coordinator that arrives later with its commit gets
+///   [`Error::Fenced`] and aborts cleanly. If the commit was recorded first,
+///   recovery commits instead. Recovery is therefore safe at any moment,
+///   from any process sharing the log, as often as you like.
+/// * **A missing record is never success.** A decided transaction whose
+///   record is gone is reported as [`already_finished`](RecoveryReport::already_finished)
+///   only when the resource holds a receipt of its commit; otherwise it is
+///   [`lost`](RecoveryReport::lost), and its decision is kept.
+///
+///
 /// ```
 /// use tm_core::{recover, FileDecisionLog, MemoryStore, Recoverable};
 /// let dir = tempfile::tempdir()?;
@@ -222,7 +223,7 @@ pub fn recover(log: &dyn DecisionLog, resources: &[&dyn Recoverable]) -> Result<
 /// commits those with a commit decision, fences and aborts those without
 /// one once they are older than the grace period, reports the records of
 /// other logs as foreign, and forgets the decisions whose participants have
-/// all finished. See the [module documentation](self) for the rules.
+/// all finished. See [`recover`] for the rules.
 ///
 /// Safe at any moment, from any process, while transactions run.
 ///

@@ -213,7 +213,7 @@ fn abort_prepared_discards_the_prepared_writes_and_is_idempotent() {
 }
 
 #[test]
-fn a_handle_of_an_ended_transaction_refuses_reads_and_ignores_writes() {
+fn a_handle_of_an_ended_transaction_refuses_reads_and_writes() {
     let tm = tm();
     let store = MemoryStore::<i32>::new();
     let txn = tm.begin().unwrap();
@@ -221,7 +221,8 @@ fn a_handle_of_an_ended_transaction_refuses_reads_and_ignores_writes() {
     h.put("k", 1).unwrap();
     txn.commit().unwrap();
     assert!(matches!(h.get("k"), Err(Error::Closed)));
-    h.put("k", 2).unwrap();
+    assert!(matches!(h.put("k", 2), Err(Error::Closed)));
+    assert!(matches!(h.delete("k"), Err(Error::Closed)));
     assert_eq!(store.committed("k"), Some(1));
     assert!(matches!(store.join(&txn), Err(Error::Closed)));
 }
@@ -313,4 +314,55 @@ fn a_handle_is_closed_once_its_store_has_voted_and_the_vote_keeps_every_write() 
     );
     assert_eq!(store.committed("k"), Some(2));
     assert_eq!(store.committed("j"), Some(3));
+}
+
+/// A resource that, after the memory store voted, writes through the
+/// memory handle (as application code racing the commit might).
+struct LateWriter {
+    handle: MemoryHandle<i32>,
+    result: parking_lot::Mutex<Option<Result<(), Error>>>,
+}
+
+impl DataManager for LateWriter {
+    fn sort_key(&self) -> &str {
+        "zz-late"
+    }
+    fn abort(&self, _: &Transaction) -> Result<(), Error> {
+        Ok(())
+    }
+    fn tpc_begin(&self, _: &Transaction) -> Result<(), Error> {
+        Ok(())
+    }
+    fn commit(&self, _: &Transaction) -> Result<(), Error> {
+        Ok(())
+    }
+    fn tpc_vote(&self, _: &Transaction) -> Result<(), Error> {
+        *self.result.lock() = Some(self.handle.put("late", 1));
+        Ok(())
+    }
+    fn tpc_finish(&self, _: &Transaction) -> Result<(), Error> {
+        Ok(())
+    }
+    fn tpc_abort(&self, _: &Transaction) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_write_after_the_vote_is_refused_not_silently_dropped() {
+    let tm = tm();
+    let store = MemoryStore::<i32>::named("m");
+    let txn = tm.begin().unwrap();
+    let h = store.join(&txn).unwrap();
+    h.put("k", 1).unwrap();
+    let late = Arc::new(LateWriter {
+        handle: h.clone(),
+        result: parking_lot::Mutex::new(None),
+    });
+    txn.join(late.clone()).unwrap();
+    txn.commit().unwrap();
+    let result = late.result.lock().take().expect("the late write ran");
+    assert!(matches!(result, Err(Error::Closed)), "{result:?}");
+    assert_eq!(store.committed("k"), Some(1));
+    assert_eq!(store.committed("late"), None);
 }

@@ -357,7 +357,7 @@ fn a_finished_transactions_handle_refuses_reuse_with_closed() {
         assert!(matches!(err, Error::Closed), "{what}: {err:?}");
         assert!(err.to_string().contains("finished"), "{what}: {err}");
     }
-    // DESIGN: "a savepoint of a finished transaction: InvalidSavepoint".
+    // A savepoint of a finished transaction is InvalidSavepoint.
     assert!(matches!(txn.savepoint(), Err(Error::InvalidSavepoint)));
     assert_eq!(log.entries().len(), calls, "no resource is called");
     assert_eq!(txn.status(), Status::Committed);

@@ -34,7 +34,10 @@ fn redis_error(err: &TmError) -> &Error {
 fn one_phase_commit_writes_and_leaves_no_tm_keys() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     tm.run(|txn| {
         let r = store.join(txn)?;
         r.set("a", "1")?;
@@ -67,7 +70,10 @@ fn two_phase_commit_with_another_resource_applies_and_releases_everything() {
 fn read_only_participant_holds_read_locks_until_finish() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     assert_eq!(r.get::<String>("a").unwrap(), None);
@@ -86,7 +92,10 @@ fn read_only_participant_holds_read_locks_until_finish() {
     );
 
     // A writer of the key read is refused at once while the reader is prepared.
-    let tm2 = TransactionManager::explicit();
+    let tm2 = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let t2 = tm2.begin().unwrap();
     store.join(&t2).unwrap().set("a", "x").unwrap();
     let err = tm2.commit().unwrap_err();
@@ -101,7 +110,10 @@ fn read_only_participant_holds_read_locks_until_finish() {
 fn abort_discards_buffered_writes() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     let _ = r.get::<String>("k").unwrap();
@@ -125,7 +137,10 @@ fn string_reads_see_the_transactions_own_writes() {
     let mut con = server.connection();
     raw(&mut con, &["SET", "n", "40"]);
     raw(&mut con, &["SET", "gone", "x"]);
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     r.incr_by("n", 2).unwrap(); // blind: the committed base is read
@@ -153,7 +168,10 @@ fn string_reads_see_the_transactions_own_writes() {
 fn reads_of_own_non_string_writes_are_refused_not_stale() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     r.hset("h", "f", "v").unwrap();
@@ -195,7 +213,10 @@ fn reads_after_a_later_overwrite_do_not_depend_on_the_committed_value() {
         .arg("m")
         .query(&mut con)
         .unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     r.expire("s1", Duration::from_secs(100)).unwrap();
@@ -326,7 +347,10 @@ fn transactional_reads_return_committed_data() {
     raw(&mut con, &["RPUSH", "l", "x", "y"]);
     raw(&mut con, &["ZADD", "z", "1.5", "m"]);
     raw(&mut con, &["SET", "t", "v", "EX", "100"]);
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     tm.run(|txn| {
         let r = store.join(txn)?;
         assert_eq!(r.hget::<String>("h", "f")?.as_deref(), Some("v"));
@@ -353,7 +377,10 @@ fn transactional_reads_return_committed_data() {
 fn savepoint_rollback_drops_writes_buffered_since() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     r.set("kept", "1").unwrap();
@@ -378,7 +405,10 @@ fn savepoint_rollback_drops_writes_buffered_since() {
 fn changed_read_makes_the_commit_a_retryable_conflict() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     assert_eq!(r.get::<String>("a").unwrap(), None);
@@ -452,7 +482,10 @@ fn durability_is_reported_and_can_be_required() {
 fn prefix_and_tags_name_tm_keys() {
     let server = TestServer::start();
     let store = Store::open_with(&server.url(), Options::default().prefix("app:")).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     r.set("{u1}:a", "1").unwrap();
@@ -486,7 +519,10 @@ fn function_flush_is_repaired_by_reloading() {
     let mut con = server.connection();
     raw(&mut con, &["FUNCTION", "FLUSH"]);
     // No reads: the one-phase call is simply sent again after the reload.
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     tm.run(|txn| store.join(txn)?.set("a", "1").map_err(TmError::from))
         .unwrap();
     assert_eq!(store.get::<String>("a").unwrap().as_deref(), Some("1"));
@@ -532,7 +568,10 @@ fn function_flush_before_a_blind_vote_is_repaired_without_a_retry() {
     raw(&mut con, &["FUNCTION", "FLUSH"]);
     // Nothing read: the prepare used up no WATCH and ran nothing, so it is
     // sent again after the reload, as the one-phase call is.
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     r.set("a", "1").unwrap();
@@ -579,7 +618,10 @@ fn reset_stats(server: &TestServer) {
 fn vote_is_one_multi_fcall_exec_and_finish_one_fcall() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     for read_first in [true, false] {
         let txn = tm.begin().unwrap();
         let r = store.join(&txn).unwrap();

@@ -83,7 +83,10 @@ impl Driven {
         write_key: &str,
         reverse: bool,
     ) -> Driven {
-        let tm = TransactionManager::explicit();
+        let tm = TransactionManager::builder()
+            .explicit(true)
+            .independent(true)
+            .build();
         let txn = tm.begin().unwrap();
         let read = read_store.join(&txn).unwrap();
         let write = write_store.join(&txn).unwrap();
@@ -226,7 +229,10 @@ fn write_skew_is_prevented_across_two_servers_in_all_70_interleavings() {
 fn a_key_held_by_a_prepared_transaction_conflicts_at_once() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     r.set("held", "1").unwrap();
@@ -236,7 +242,10 @@ fn a_key_held_by_a_prepared_transaction_conflicts_at_once() {
     dm.tpc_vote(&txn).unwrap();
 
     // A writer, and a reader that prepares: both refused at once, retryable.
-    let tm2 = TransactionManager::explicit();
+    let tm2 = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     tm2.begin().unwrap();
     store
         .join(&tm2.get().unwrap())
@@ -273,7 +282,10 @@ fn a_key_held_by_a_prepared_transaction_conflicts_at_once() {
 fn a_conflict_names_the_key_the_lock_kind_and_the_holder() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     let _ = r.get::<String>("r").unwrap(); // read lock on r
@@ -287,7 +299,10 @@ fn a_conflict_names_the_key_the_lock_kind_and_the_holder() {
     // The held key is not the first of the refused transaction's keys: the
     // error must still name it, not its neighbour.
     for (key, kind) in [("b", "written"), ("r", "read")] {
-        let tm2 = TransactionManager::explicit();
+        let tm2 = TransactionManager::builder()
+            .explicit(true)
+            .independent(true)
+            .build();
         let t2 = tm2.begin().unwrap();
         let r2 = store.join(&t2).unwrap();
         let _ = r2.get::<String>("z0").unwrap();

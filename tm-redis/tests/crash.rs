@@ -20,7 +20,10 @@ fn prepare(
     store: &Store,
     writes: &[(&str, &str)],
 ) -> (TransactionManager, Transaction, Arc<dyn DataManager>) {
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     for (k, v) in writes {
@@ -34,7 +37,10 @@ fn prepare(
 }
 
 fn try_write(store: &Store, key: &str) -> Result<(), TmError> {
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     tm.begin()?;
     store.join(&tm.get()?)?.set(key, "other")?;
     let result = tm.commit();
@@ -171,7 +177,10 @@ fn redis_killed_between_vote_and_finish_is_heuristic_and_recovery_commits_it() {
 fn vote_failing_on_a_dead_server_is_an_error_not_a_hang() {
     let mut server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     store.join(&txn).unwrap().set("a", "1").unwrap();
     server.kill();
@@ -184,7 +193,10 @@ fn vote_failing_on_a_dead_server_is_an_error_not_a_hang() {
 fn late_prepare_after_its_abort_refuses() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
     let txn = tm.begin().unwrap();
     let r = store.join(&txn).unwrap();
     r.set("a", "1").unwrap();

@@ -743,7 +743,7 @@ fn check_read_back(
     Ok(())
 }
 
-/// The conservative refusal DESIGN allows: HDEL/SREM/ZREM may empty (and so
+/// The conservative refusal the vote is allowed: HDEL/SREM/ZREM may empty (and so
 /// delete) a key, which the vote does not know without reading the data; a
 /// later write of another type (or INCRBY) to that key is refused even when
 /// the removal did empty it.

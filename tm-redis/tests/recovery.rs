@@ -35,6 +35,7 @@ fn prepare(
 fn manager(log: &Arc<FileDecisionLog>) -> TransactionManager {
     TransactionManager::builder()
         .explicit(true)
+        .independent(true)
         .decision_log(log.clone())
         .build()
 }
@@ -264,6 +265,7 @@ fn a_record_names_its_log_and_age_and_only_its_own_log_resolves_it() {
     let (_dir_b, log_b) = decision_log();
     let tm = TransactionManager::builder()
         .explicit(true)
+        .independent(true)
         .decision_log(log_a.clone())
         .build();
     let (txn, _dm) = prepare(&tm, &store, "a");
@@ -302,6 +304,7 @@ fn a_fresh_undecided_record_is_deferred_an_old_one_aborted_behind_the_fence() {
     let (_dir, log) = decision_log();
     let tm = TransactionManager::builder()
         .explicit(true)
+        .independent(true)
         .decision_log(log.clone())
         .build();
     let (txn, dm) = prepare(&tm, &store, "a");
@@ -330,7 +333,11 @@ fn a_fresh_undecided_record_is_deferred_an_old_one_aborted_behind_the_fence() {
 fn a_record_prepared_without_a_log_is_listed_without_owner_and_left_alone() {
     let server = TestServer::start();
     let store = Store::open(&server.url()).unwrap();
-    let tm = TransactionManager::explicit();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .independent(true)
+        .build();
     let (txn, _dm) = prepare(&tm, &store, "a");
     let listed = store.in_doubt().unwrap();
     assert_eq!((listed[0].txid, listed[0].log), (txn.id(), None));

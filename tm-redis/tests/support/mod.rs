@@ -37,8 +37,11 @@ pub fn raw(server: &tm_redis::testing::TestServer, args: &[&str]) -> redis::Valu
 /// with Redis beside another resource needs (keep the directory alive).
 pub fn logged_manager() -> (tempfile::TempDir, TransactionManager) {
     let (dir, log) = decision_log();
+    // Independent: tests leave "crashed" coordinators' transactions open
+    // on the thread while another manager recovers or retries.
     let tm = TransactionManager::builder()
         .explicit(true)
+        .independent(true)
         .decision_log(log)
         .build();
     (dir, tm)
