@@ -44,11 +44,13 @@ pub fn db_path(dir: &Path) -> PathBuf {
     dir.join("test.db")
 }
 
-/// An explicit manager without backoff pauses.
+/// An explicit manager without backoff pauses; independent, since tests
+/// interleave several managers' transactions on one thread.
 pub fn manager() -> TransactionManager {
     TransactionManager::builder()
         .explicit(true)
         .backoff(Backoff::None)
+        .independent(true)
         .build()
 }
 
