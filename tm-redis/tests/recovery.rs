@@ -15,6 +15,16 @@ use tm_redis::{Error, Options, Store};
 mod support;
 use support::{decision_log, in_doubt_ids, logged_manager, raw};
 
+/// A store that gives up reconnecting quickly: transactions these tests
+/// leave open are aborted when the thread ends, after the server is gone.
+fn store_of(server: &TestServer) -> Store {
+    Store::open_with(
+        &server.url(),
+        Options::default().reconnect_deadline(Duration::from_millis(50)),
+    )
+    .unwrap()
+}
+
 /// Votes `store`'s handle of a new transaction of `tm` that sets `key`.
 fn prepare(
     tm: &TransactionManager,
@@ -61,7 +71,7 @@ fn tm_keys_of(server: &TestServer, kind: &str, txn: &Transaction) -> Vec<String>
 #[test]
 fn finish_after_recovery_aborted_the_record_is_record_missing_aborted_not_ok() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let (_dir, tm) = logged_manager();
     let (txn, dm) = prepare(&tm, &store, "a");
     store.abort_prepared(&txn.id()).unwrap(); // "recovery"
@@ -104,7 +114,7 @@ impl DataManager for AbortRedisAtVote {
 #[test]
 fn commit_whose_redis_record_was_aborted_before_finish_is_heuristic_not_ok() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let (_dir, tm) = logged_manager();
     let txn = tm.begin().unwrap();
     store.join(&txn).unwrap().set("a", "1").unwrap();
@@ -132,7 +142,7 @@ fn commit_whose_redis_record_was_aborted_before_finish_is_heuristic_not_ok() {
 #[test]
 fn commit_prepared_tells_a_receipt_a_tombstone_and_a_lost_record_apart() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let (_dir, log) = decision_log();
 
     // Applied: the receipt makes a second commit Ok.
@@ -171,7 +181,7 @@ fn commit_prepared_tells_a_receipt_a_tombstone_and_a_lost_record_apart() {
 #[test]
 fn finish_of_a_record_lost_by_hand_is_record_missing_lost() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let (_dir, tm) = logged_manager();
     let (txn, dm) = prepare(&tm, &store, "{u1}:a"); // a tagged record
     for key in tm_keys_of(&server, "prepared", &txn) {
@@ -184,7 +194,7 @@ fn finish_of_a_record_lost_by_hand_is_record_missing_lost() {
 #[test]
 fn finish_sent_twice_is_ok_by_its_receipt() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let (_dir, tm) = logged_manager();
     let (txn, dm) = prepare(&tm, &store, "a");
     // Recovery finished it first (e.g. the finish reply was lost).
@@ -233,12 +243,12 @@ fn receipts_and_tombstones_expire_after_their_configured_ttl() {
 #[test]
 fn late_prepare_of_an_aborted_transaction_is_refused_by_its_tombstone() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let (_dir, tm) = logged_manager();
     let (txn, dm) = prepare(&tm, &store, "a");
     dm.tpc_abort(&txn).unwrap();
     // The same transaction's prepare, through a second Store on the server.
-    let late = Store::open(&server.url()).unwrap();
+    let late = store_of(&server);
     let r = late.join(&txn).unwrap();
     r.set("a", "late").unwrap();
     let ldm = r.data_manager();
@@ -260,7 +270,7 @@ fn late_prepare_of_an_aborted_transaction_is_refused_by_its_tombstone() {
 #[test]
 fn a_record_names_its_log_and_age_and_only_its_own_log_resolves_it() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let (_dir_a, log_a) = decision_log();
     let (_dir_b, log_b) = decision_log();
     let tm = TransactionManager::builder()
@@ -300,7 +310,7 @@ fn a_record_names_its_log_and_age_and_only_its_own_log_resolves_it() {
 #[test]
 fn a_fresh_undecided_record_is_deferred_an_old_one_aborted_behind_the_fence() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let (_dir, log) = decision_log();
     let tm = TransactionManager::builder()
         .explicit(true)
@@ -332,7 +342,7 @@ fn a_fresh_undecided_record_is_deferred_an_old_one_aborted_behind_the_fence() {
 #[test]
 fn a_record_prepared_without_a_log_is_listed_without_owner_and_left_alone() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let tm = TransactionManager::builder()
         .explicit(true)
         .independent(true)
@@ -351,7 +361,7 @@ fn a_record_prepared_without_a_log_is_listed_without_owner_and_left_alone() {
 #[test]
 fn recovery_reports_a_decided_transaction_already_finished_by_its_receipt_or_lost() {
     let server = TestServer::start();
-    let store = Store::open(&server.url()).unwrap();
+    let store = store_of(&server);
     let (_dir, log) = decision_log();
     let tm_done = manager(&log);
     let (done, _dm) = prepare(&tm_done, &store, "a");
