@@ -348,7 +348,7 @@ fn sqlite_busy_at_commit_is_retryable_rolled_back_and_names_path_phase_and_code(
         Some(rusqlite::ErrorCode::DatabaseBusy)
     );
     assert_eq!(e.phase(), Phase::CommitOnePhase);
-    let text = err.to_string();
+    let text = tm::Report(&err).to_string();
     assert!(text.contains(&db.path().display().to_string()), "{text}");
     assert!(text.contains("commit_one_phase"), "{text}");
     assert!(text.contains("extended code 5"), "{text}");
@@ -458,7 +458,8 @@ fn sqlite_commit_run_by_hand_is_refused_at_the_vote_and_the_other_resource_is_ab
         sqlite_source(&err),
         tm::sqlite::Error::EndedOutsideTm { .. }
     ));
-    assert!(err.to_string().contains("tpc_vote"), "{err}");
+    let text = tm::Report(&err).to_string();
+    assert!(text.contains("tpc_vote"), "{text}");
     tm.abort().unwrap();
     assert_eq!(mem.committed("m"), None, "the other resource was aborted");
     // What the hand-run COMMIT committed is there; the rest is not.
@@ -1380,7 +1381,7 @@ fn errors_name_the_resource_and_the_phase() {
             Ok::<_, BoxError>(())
         })
         .unwrap_err();
-    let text = err.to_string();
+    let text = tm::Report(&*err).to_string();
     assert!(text.contains(s.redis.server()), "{text}");
     assert!(text.contains("tpc_vote"), "{text}");
     assert!(text.contains("LPUSH"), "{text}");

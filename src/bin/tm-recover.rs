@@ -118,19 +118,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// An error and its causes, each said once.
+/// An error and its causes (tm's errors say each cause once).
 fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let line = cause.to_string();
-        if !text.contains(&line) {
-            text.push_str(": ");
-            text.push_str(&line);
-        }
-        source = cause.source();
-    }
-    text
+    tm::Report(err).to_string()
 }
 
 struct Opened {

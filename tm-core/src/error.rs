@@ -11,6 +11,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything tm-core can report.
 ///
+/// Each cause is said once: in the message, or as [`source()`](std::error::Error::source),
+/// never both, so a printed chain does not repeat itself ([`Report`] prints
+/// one).
+///
 /// Variants about a resource carry its name (its [`sort_key`]) and the phase;
 /// [`Error::Conflict`] and [`Error::Transient`] are retryable
 /// (see [`Error::is_retryable`]).
@@ -114,7 +118,7 @@ pub enum Error {
     #[error("commit refused before anything was prepared: {0}")]
     UnsafeSetup(String),
     /// An adapter's own error, with its source kept.
-    #[error("resource {resource}: {source}")]
+    #[error("resource {resource} failed")]
     Resource {
         /// The resource that failed.
         resource: String,
@@ -134,7 +138,7 @@ pub enum Error {
         message: String,
     },
     /// The decision log could not be read or written.
-    #[error("decision log {log}: {source}")]
+    #[error("decision log {log} failed")]
     DecisionLog {
         /// The log (for a file: its path).
         log: String,
@@ -243,5 +247,30 @@ impl Error {
             | Error::Panicked { resource, .. } => Some(resource),
             _ => None,
         }
+    }
+}
+
+/// An error and its `source()` chain on one line, `: `-separated: what to
+/// print for a person. tm's errors say each cause once (in the message or
+/// in `source()`), so nothing repeats.
+///
+/// ```
+/// use tm_core::{Error, Report};
+/// let io = std::io::Error::other("disk full");
+/// let err = Error::DecisionLog { log: "decisions.log".into(), source: Box::new(io) };
+/// assert_eq!(Report(&err).to_string(), "decision log decisions.log failed: disk full");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }

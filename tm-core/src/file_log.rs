@@ -641,7 +641,7 @@ mod tests {
             bytes[at] ^= 0x10;
             std::fs::write(&path, &bytes).unwrap();
             let err = FileDecisionLog::open(&path).unwrap_err();
-            let text = format!("{err} {:?}", std::error::Error::source(&err));
+            let text = crate::Report(&err).to_string();
             assert!(
                 text.contains(&format!("offset {HEADER_LEN}")),
                 "flip at {at}: {text}"
@@ -666,7 +666,7 @@ mod tests {
         let path = dir.path().join("log");
         let first = FileDecisionLog::open(&path).unwrap();
         let err = FileDecisionLog::open(&path).unwrap_err();
-        let text = format!("{err}");
+        let text = crate::Report(&err).to_string();
         assert!(text.contains(&path.display().to_string()), "{text}");
         assert!(text.contains("already open"), "{text}");
         drop(first);
@@ -736,7 +736,8 @@ mod tests {
         let err = log
             .record_commit(&Decision::new(TxId::new(), vec![], BTreeMap::new()))
             .unwrap_err();
-        assert!(err.to_string().contains("failed fsync"), "{err}");
+        let text = crate::Report(&err).to_string();
+        assert!(text.contains("failed fsync"), "{text}");
         assert!(log.record_abort(&TxId::new()).is_err());
         assert_eq!(pending_ids(&log), vec![kept]);
     }
@@ -781,9 +782,11 @@ mod tests {
         let path = dir.path().join("log");
         std::fs::write(&path, b"hello world, not a log").unwrap();
         let err = FileDecisionLog::open(&path).unwrap_err();
-        assert!(format!("{err}").contains("bad magic"), "{err}");
+        let text = crate::Report(&err).to_string();
+        assert!(text.contains("bad magic"), "{text}");
         std::fs::write(&path, b"TMDLOG1\nxxxxxxxxxxxx").unwrap();
         let err = FileDecisionLog::open(&path).unwrap_err();
-        assert!(format!("{err}").contains("first format"), "{err}");
+        let text = crate::Report(&err).to_string();
+        assert!(text.contains("first format"), "{text}");
     }
 }

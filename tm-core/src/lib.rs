@@ -61,7 +61,7 @@ mod txid;
 pub use attempts::{Attempt, Attempts, Backoff};
 pub use data_manager::{DataManager, Phase, ResourceSavepoint, Synchronizer};
 pub use decision_log::{Decision, DecisionLog, LogId, Outcome};
-pub use error::{BoxError, Error, Missing, Result};
+pub use error::{BoxError, Error, Missing, Report, Result};
 pub use file_log::FileDecisionLog;
 pub use manager::{TransactionManager, TransactionManagerBuilder, TxError};
 pub use memory::{MemoryHandle, MemoryStore};

@@ -393,7 +393,11 @@ fn errors_about_a_resource_name_it_and_the_phase() {
     assert!(err.is_retryable() && err.to_string().contains("redis"));
     let err = Error::resource("redis", "boom");
     assert!(!err.is_retryable());
-    assert_eq!(err.to_string(), "resource redis: boom");
+    assert_eq!(err.to_string(), "resource redis failed");
+    assert_eq!(
+        tm_core::Report(&err).to_string(),
+        "resource redis failed: boom"
+    );
     assert!(std::error::Error::source(&err).is_some(), "source kept");
     assert!(!Error::Doomed.is_retryable());
 }

@@ -29,19 +29,19 @@ use crate::options::Durability;
 #[non_exhaustive]
 pub enum Error {
     /// The server could not be reached (at open, or for a new connection).
-    #[error("cannot connect to redis at {url}: {source}")]
+    #[error("cannot connect to redis at {url}: {cause}")]
     Connect {
         /// The server's URL (without password).
         url: String,
-        /// The client's error.
-        #[source]
-        source: redis::RedisError,
+        /// The client's error (said in the message; its own `source()`
+        /// repeats it, so it is not this error's source).
+        cause: redis::RedisError,
     },
     /// The server could not be reached again within
     /// [`Options::reconnect_deadline`](crate::Options::reconnect_deadline)
     /// (it died, or the network is down). Not retryable: the retries are
     /// spent.
-    #[error("{server}: unreachable at {phase}; gave up reconnecting after {waited:?}")]
+    #[error("{server}: unreachable at {phase}; gave up reconnecting after {waited:?}; last error: {cause}")]
     Unavailable {
         /// The server.
         server: String,
@@ -49,13 +49,12 @@ pub enum Error {
         phase: Phase,
         /// How long reconnecting was tried.
         waited: std::time::Duration,
-        /// The last connect error.
-        #[source]
-        source: redis::RedisError,
+        /// The last connect error (said in the message).
+        cause: redis::RedisError,
     },
     /// A command failed: the connection broke or timed out, or the server
     /// answered with an error.
-    #[error("{server}: {command} failed at {phase}: {source}")]
+    #[error("{server}: {command} failed at {phase}: {cause}")]
     Command {
         /// The server.
         server: String,
@@ -63,9 +62,9 @@ pub enum Error {
         phase: Phase,
         /// The command (its name, or the function called).
         command: String,
-        /// The client's error.
-        #[source]
-        source: redis::RedisError,
+        /// The client's error (said in the message; its own `source()`
+        /// repeats it, so it is not this error's source).
+        cause: redis::RedisError,
     },
     /// Another transaction changed a key this one read, or holds a lock that
     /// this one needs. Retryable.
@@ -174,9 +173,9 @@ impl Error {
     /// The underlying client error, if any.
     pub fn redis_error(&self) -> Option<&redis::RedisError> {
         match self {
-            Error::Connect { source, .. }
-            | Error::Command { source, .. }
-            | Error::Unavailable { source, .. } => Some(source),
+            Error::Connect { cause: source, .. }
+            | Error::Command { cause: source, .. }
+            | Error::Unavailable { cause: source, .. } => Some(source),
             _ => None,
         }
     }
@@ -240,8 +239,14 @@ impl Error {
         }
         match self {
             Error::Conflict { .. } | Error::FunctionMissing { .. } => true,
-            Error::Connect { source, .. } => source.is_io_error() || source.is_connection_dropped(),
-            Error::Command { phase, source, .. } => {
+            Error::Connect { cause: source, .. } => {
+                source.is_io_error() || source.is_connection_dropped()
+            }
+            Error::Command {
+                phase,
+                cause: source,
+                ..
+            } => {
                 let before_vote = matches!(
                     phase,
                     Phase::Work

@@ -106,7 +106,7 @@ impl Store {
         let server = server_name(&info);
         let client = redis::Client::open(info).map_err(|source| Error::Connect {
             url: redact(url),
-            source,
+            cause: source,
         })?;
         let resource_id = format!("{server}#{}", options.prefix);
         let prefix = options.prefix.as_bytes().to_vec();
@@ -125,9 +125,9 @@ impl Store {
             open: Mutex::new(TxIdMap::default()),
         };
         let mut conn = inner.connect().map_err(|err| match err {
-            Error::Connect { source, .. } => Error::Connect {
+            Error::Connect { cause: source, .. } => Error::Connect {
                 url: redact(url),
-                source,
+                cause: source,
             },
             other => other,
         })?;
@@ -258,7 +258,7 @@ impl StoreInner {
             server: self.server.clone(),
             phase,
             command: command.to_owned(),
-            source,
+            cause: source,
         }
     }
 
@@ -268,14 +268,14 @@ impl StoreInner {
             .get_connection_with_timeout(self.options.connect_timeout)
             .map_err(|source| Error::Connect {
                 url: self.server.clone(),
-                source,
+                cause: source,
             })?;
         let timeout = Some(self.options.response_timeout);
         con.set_read_timeout(timeout)
             .and_then(|()| con.set_write_timeout(timeout))
             .map_err(|source| Error::Connect {
                 url: self.server.clone(),
-                source,
+                cause: source,
             })?;
         Ok(Conn {
             con,
@@ -304,7 +304,7 @@ impl StoreInner {
         loop {
             let source = match self.connect() {
                 Ok(conn) => return Ok(conn),
-                Err(Error::Connect { source, .. }) => source,
+                Err(Error::Connect { cause: source, .. }) => source,
                 Err(other) => return Err(other),
             };
             let now = Instant::now();
@@ -313,7 +313,7 @@ impl StoreInner {
                     server: self.server.clone(),
                     phase,
                     waited: now - started,
-                    source,
+                    cause: source,
                 });
             }
             debug!(server = %self.server, error = %source, "cannot connect; retrying");

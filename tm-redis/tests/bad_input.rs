@@ -178,7 +178,8 @@ fn out_of_range_incrby_is_caught_at_vote() {
             r.incr_by("fresh", 1).unwrap();
         })
         .unwrap_err();
-        assert!(err.to_string().contains("overflow"), "{err}");
+        let text = tm_core::Report(&err).to_string();
+        assert!(text.contains("overflow"), "{text}");
     }
     // The exact edges are fine.
     commit_with(&store, true, |r| {

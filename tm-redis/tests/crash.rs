@@ -262,7 +262,8 @@ fn finish_succeeds_at_maxmemory_under_noeviction() {
     ))
     .unwrap();
     let err = other.commit().unwrap_err();
-    assert!(err.to_string().contains("OOM"), "{err}");
+    let text = tm_core::Report(&err).to_string();
+    assert!(text.contains("OOM"), "{text}");
     other.abort().unwrap();
     // ...but the promised finish goes through.
     dm.tpc_finish(&txn).unwrap();

@@ -961,7 +961,7 @@ mod tests {
                     matches!(e, Error::AlreadyEnded { ended: got, .. } if *got == ended),
                     "{e}"
                 );
-                let text = err.to_string();
+                let text = tm_core::Report(&err).to_string();
                 assert!(
                     text.contains("sqlite:") && text.contains(&phase.to_string()),
                     "{text}"

@@ -130,7 +130,7 @@ fn a_deferred_constraint_failing_at_commit_names_the_phase_and_code() {
     assert_eq!(sqlite.phase(), Phase::CommitOnePhase);
     assert!(sqlite.is_constraint_violation());
     assert_eq!(sqlite.extended_code(), Some(787)); // SQLITE_CONSTRAINT_FOREIGNKEY
-    let text = err.to_string();
+    let text = tm_core::Report(&err).to_string();
     assert!(
         text.contains("commit_one_phase") && text.contains("787") && text.contains("test.db"),
         "{text}"
@@ -200,7 +200,8 @@ fn commit_after_by_hand(
         matches!(sqlite, tm_sqlite::Error::EndedOutsideTm { .. }),
         "{sqlite:?}"
     );
-    assert!(err.to_string().contains("ended outside tm"), "{err}");
+    let text = tm_core::Report(&err).to_string();
+    assert!(text.contains("ended outside tm"), "{text}");
     txn.abort().unwrap();
     assert!(pool_is_clean(db));
     err

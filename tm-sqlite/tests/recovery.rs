@@ -190,7 +190,8 @@ fn record_abort_behind_a_held_write_lock_past_the_busy_timeout_is_an_error() {
     insert(&db.join(&txn).unwrap(), "row").unwrap();
     let err = recovery.record_abort(&txn.id()).unwrap_err();
     assert!(matches!(err, Error::DecisionLog { .. }), "{err:?}");
-    assert!(err.to_string().contains("recover"), "{err}");
+    let text = tm_core::Report(&err).to_string();
+    assert!(text.contains("recover"), "{text}");
     txn.commit().unwrap();
     // Nothing was recorded: a later pass decides.
     assert_eq!(log.record_abort(&txn.id()).unwrap(), Outcome::Aborted);
