@@ -250,7 +250,7 @@ fn commit_run_by_hand_beside_another_resource_is_refused_at_tpc_vote_and_the_oth
     assert_eq!(sqlite.phase(), Phase::TpcVote);
     assert_eq!(sqlite.path(), db.path());
     assert_eq!(err.resource_name(), Some(db.name()));
-    let text = err.to_string();
+    let text = tm_core::Report(&err).to_string();
     assert!(
         text.contains("tpc_vote") && text.contains("test.db"),
         "{text}"
