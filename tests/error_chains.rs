@@ -107,7 +107,6 @@ fn chains_from_every_crate_say_each_cause_once() {
     seen.push(("closed".into(), h.put("k", 1).unwrap_err().into()));
 
     for (what, err) in &seen {
-        assert!(links(&**err).len() >= 1);
         assert_said_once(what, &**err);
     }
     // The chains do carry their causes.
