@@ -15,8 +15,8 @@
 //! total money is checked after every row.
 //!
 //! ```text
-//! cargo bench --bench contention                 # about 25 s
-//! CONTENTION_SECS=3 cargo bench --bench contention
+//! cargo bench -p tm-benches --bench contention                 # about 25 s
+//! CONTENTION_SECS=3 cargo bench -p tm-benches --bench contention
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,7 +51,7 @@ impl Bank {
 
     fn read(&self, txn: &Transaction, id: u64) -> Result<i64, BoxError> {
         match self {
-            Bank::Mixed(db, _) if id % 2 == 0 => Ok(db.join(txn)?.query_row(
+            Bank::Mixed(db, _) if id.is_multiple_of(2) => Ok(db.join(txn)?.query_row(
                 "SELECT balance FROM account WHERE id = ?1",
                 [id as i64],
                 |r| r.get(0),
@@ -62,7 +62,7 @@ impl Bank {
 
     fn write(&self, txn: &Transaction, id: u64, balance: i64) -> Result<(), BoxError> {
         match self {
-            Bank::Mixed(db, _) if id % 2 == 0 => {
+            Bank::Mixed(db, _) if id.is_multiple_of(2) => {
                 db.join(txn)?.execute(
                     "UPDATE account SET balance = ?1 WHERE id = ?2",
                     [balance, id as i64],
@@ -76,7 +76,7 @@ impl Bank {
     fn total(&self) -> i64 {
         (0..ACCOUNTS)
             .map(|id| match self {
-                Bank::Mixed(db, _) if id % 2 == 0 => db
+                Bank::Mixed(db, _) if id.is_multiple_of(2) => db
                     .with_connection(|c| {
                         c.query_row(
                             "SELECT balance FROM account WHERE id = ?1",
@@ -109,7 +109,7 @@ fn new_bank(mixed: bool, dir: &std::path::Path) -> Bank {
     tm.run(|txn| {
         for id in 0..ACCOUNTS {
             match &bank {
-                Bank::Mixed(db, _) if id % 2 == 0 => {
+                Bank::Mixed(db, _) if id.is_multiple_of(2) => {
                     db.join(txn)?.execute(
                         "INSERT INTO account (id, balance) VALUES (?1, ?2)",
                         [id as i64, INITIAL],

@@ -3,7 +3,7 @@
 //! finish), versus a pipelined MULTI/SET.../EXEC on one connection. Once
 //! with `appendfsync everysec`, once with `appendfsync always`.
 //!
-//! `cargo bench --bench redis`; needs `redis-server` on PATH (the bench
+//! `cargo bench -p tm-benches --bench redis`; needs `redis-server` on PATH (the bench
 //! starts its own throwaway servers).
 
 use std::hint::black_box;

@@ -20,7 +20,7 @@
 //! from the medians of this run.
 //!
 //! ```text
-//! cargo bench --bench transfer
+//! cargo bench -p tm-benches --bench transfer
 //! ```
 
 use std::collections::BTreeSet;
@@ -282,8 +282,16 @@ fn criterion_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("CRITERION_HOME") {
         return PathBuf::from(home);
     }
+    // Cargo runs a bench in its package's folder (benches/), so a relative
+    // "target" would miss the workspace's target dir: take it from the
+    // `CARGO_TARGET_TMPDIR` (`<target>/tmp`) this bench was built with.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
+        .or_else(|| {
+            Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .parent()
+                .map(Path::to_path_buf)
+        })
         .unwrap_or_else(|| PathBuf::from("target"));
     target.join("criterion")
 }
