@@ -179,7 +179,7 @@ pub trait DataManager: Send + Sync {
     /// Whether this resource's prepared state survives a crash of this
     /// process (a durable prepare, as tm-redis's). A transaction with such a
     /// resource beside others needs a decision log, or the commit is refused
-    /// ([`Error::UnsafeSetup`](crate::Error::UnsafeSetup)): after a crash,
+    /// ([`Error::UnsafeSetup`]): after a crash,
     /// nothing could tell recovery whether to commit or abort it.
     ///
     /// Default: `recovery_id().is_some()`. An in-memory resource that is

@@ -222,7 +222,7 @@ pub fn recover(log: &dyn DecisionLog, resources: &[&dyn Recoverable]) -> Result<
 /// commits those with a commit decision, fences and aborts those without
 /// one once they are older than the grace period, reports the records of
 /// other logs as foreign, and forgets the decisions whose participants have
-/// all finished. See the [module documentation](self) for the rules.
+/// all finished. See [`RecoveryOptions`] (grace, take-over) and [`RecoveryReport`].
 ///
 /// Safe at any moment, from any process, while transactions run.
 ///
