@@ -180,7 +180,8 @@ fn run_one(bank: &Bank, threads: usize, backoff: Backoff, secs: f64) -> (Arc<Cou
                     .explicit(true)
                     .backoff(backoff)
                     .build();
-                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ ((t as u64 + 1) * 0xff51_afd7_ed55_8ccd);
+                let mut rng =
+                    0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
                 let mut next = move || {
                     rng ^= rng << 13;
                     rng ^= rng >> 7;
