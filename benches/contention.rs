@@ -15,8 +15,8 @@
 //! total money is checked after every row.
 //!
 //! ```text
-//! cargo bench --bench contention                 # about 25 s
-//! CONTENTION_SECS=3 cargo bench --bench contention
+//! cargo bench -p tm-benches --bench contention                 # about 25 s
+//! CONTENTION_SECS=3 cargo bench -p tm-benches --bench contention
 //! ```
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -180,7 +180,8 @@ fn run_one(bank: &Bank, threads: usize, backoff: Backoff, secs: f64) -> (Arc<Cou
                     .explicit(true)
                     .backoff(backoff)
                     .build();
-                let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ ((t as u64 + 1) * 0xff51_afd7_ed55_8ccd);
+                let mut rng =
+                    0x9e37_79b9_7f4a_7c15u64 ^ (t as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd);
                 let mut next = move || {
                     rng ^= rng << 13;
                     rng ^= rng >> 7;

@@ -3,7 +3,7 @@
 //! completed commit does). Concurrent decisions share an fsync (group
 //! commit), so throughput should grow with the threads.
 //!
-//! `cargo bench --bench decision_log`
+//! `cargo bench -p tm-benches --bench decision_log`
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -5,8 +5,8 @@
 //! savepoint, another put and a rollback; every 7th an abort.
 //!
 //! ```text
-//! cargo bench --bench memory                   # 100k warm-up + 3 x 1,000,000
-//! MEMORY_TXNS=5000000 cargo bench --bench memory
+//! cargo bench -p tm-benches --bench memory                   # 100k warm-up + 3 x 1,000,000
+//! MEMORY_TXNS=5000000 cargo bench -p tm-benches --bench memory
 //! ```
 
 use std::time::Instant;

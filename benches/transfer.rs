@@ -20,7 +20,7 @@
 //! from the medians of this run.
 //!
 //! ```text
-//! cargo bench --bench transfer
+//! cargo bench -p tm-benches --bench transfer
 //! ```
 
 use std::collections::BTreeSet;
@@ -32,7 +32,7 @@ use criterion::Criterion;
 use parking_lot::Mutex;
 use tm::redis::testing::TestServer;
 use tm::redis::Store;
-use tm::sqlite::{Database, Options, SqliteDecisionLog};
+use tm::sqlite::{Database, Options, SqliteDecisionLog, Synchronous};
 use tm::TransactionManager;
 
 const SCHEMA: &str =
@@ -53,6 +53,21 @@ struct Interleaved {
     rounds: usize,
     per_round: usize,
     variants: Vec<(String, f64, f64)>,
+    /// Per variant, ns per transfer in each round.
+    times: Vec<Vec<f64>>,
+}
+
+impl Interleaved {
+    /// The median over the rounds of variant `a` / variant `b` in the same
+    /// round.
+    fn ratio(&self, a: usize, b: usize) -> f64 {
+        let mut r: Vec<f64> = self.times[a]
+            .iter()
+            .zip(&self.times[b])
+            .map(|(x, y)| x / y)
+            .collect();
+        median(&mut r)
+    }
 }
 
 /// A named transfer to time.
@@ -117,6 +132,7 @@ fn interleaved(variants: &mut [Variant<'_>], budget: Duration) -> Interleaved {
         rounds: round,
         per_round,
         variants,
+        times,
     }
 }
 
@@ -200,7 +216,12 @@ fn scenario(c: &mut Criterion, label: &str, fsync_always: bool, test_mode: bool)
     .unwrap();
     let store = Store::open(&server.url()).unwrap();
     let log = Arc::new(SqliteDecisionLog::new(&db).unwrap());
-    let tm_lrc = TransactionManager::explicit();
+    // No decision log: a refused set-up unless opted out (it cannot be
+    // recovered after a crash); measured as the cost without the log.
+    let tm_lrc = TransactionManager::builder()
+        .explicit(true)
+        .allow_unrecoverable(true)
+        .build();
     let tm_llr = TransactionManager::builder()
         .explicit(true)
         .decision_log(log.clone())
@@ -277,13 +298,216 @@ fn scenario(c: &mut Criterion, label: &str, fsync_always: bool, test_mode: bool)
     assert!(tm::DecisionLog::pending(&*log).unwrap().is_empty());
 }
 
+/// The durable transfers, measured in one interleaved run, and per tm
+/// variant tm-sqlite's extra fsyncs per transfer.
+static DURABLE: Mutex<Option<(Interleaved, FsyncsPerTransfer)>> = Mutex::new(None);
+
+type FsyncsPerTransfer = Vec<(String, f64)>;
+
+/// An fsync of SQLite's WAL file, as tm-sqlite does after the last
+/// resource's `COMMIT` when `synchronous` is below FULL.
+fn sync_wal(db_path: &Path) {
+    let mut wal = db_path.as_os_str().to_owned();
+    wal.push("-wal");
+    std::fs::File::open(wal).unwrap().sync_data().unwrap();
+}
+
+/// Everything durable: Redis with `appendfsync always`, every SQLite commit
+/// on disk before the transfer returns.
+///
+/// * `raw_full`: by hand, durably but not atomically: `BEGIN IMMEDIATE` /
+///   `UPDATE` / `COMMIT` with `synchronous = FULL`, then `MULTI / INCRBY /
+///   EXEC`. The base of the ratios.
+/// * `raw_normal_sync`: the same with `synchronous = NORMAL` and one fsync
+///   of the WAL file after the `COMMIT` (what tm-sqlite does).
+/// * `floor`: the two-phase floor: `raw_full` plus one more durable Redis
+///   round trip first (`MULTI / SET / EXEC` of a marker, as a prepare).
+/// * `tm`: tm with `SqliteDecisionLog` on the same database (logging last
+///   resource), Redis durable prepare, the default `Options`
+///   (`synchronous = NORMAL`, tm adds the fsync of the decision commit).
+/// * `tm_full`: the same with `synchronous = FULL` (SQLite syncs the
+///   `COMMIT` itself; tm adds none).
+fn durable_scenario(c: &mut Criterion, test_mode: bool) {
+    let server = TestServer::builder().fsync_always(true).start();
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+
+    let raw = |name: &str, synchronous: Synchronous| {
+        let path = dir.path().join(name);
+        let conn = plain_sqlite(&path);
+        conn.execute_batch(&format!("PRAGMA synchronous = {}", synchronous.as_str()))
+            .unwrap();
+        seed(&conn);
+        (conn, path)
+    };
+    let (mut full_db, _) = raw("raw_full.db", Synchronous::Full);
+    let (mut normal_db, normal_path) = raw("raw_normal.db", Synchronous::Normal);
+    let (mut floor_db, _) = raw("floor.db", Synchronous::Full);
+    let mut redis_con = server.connection();
+
+    let tm_side = |name: &str, options: Options| {
+        let db = Database::open_with(dir.path().join(name), options).unwrap();
+        db.with_connection(|c| {
+            seed(c);
+            Ok(())
+        })
+        .unwrap();
+        let log = Arc::new(SqliteDecisionLog::new(&db).unwrap());
+        let tm = TransactionManager::builder()
+            .explicit(true)
+            .decision_log(log.clone())
+            .build();
+        (db, log, tm)
+    };
+    let (db, log, tm) = tm_side("tm.db", Options::default());
+    let (db_full, log_full, tm_full) = tm_side(
+        "tm_full.db",
+        Options::default().synchronous(Synchronous::Full),
+    );
+    let store = Store::open(&server.url()).unwrap();
+
+    let sqlite_debit = |db: &mut rusqlite::Connection| {
+        let tx = db
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .unwrap();
+        tx.prepare_cached(DEBIT).unwrap().execute([]).unwrap();
+        tx.commit().unwrap();
+    };
+    let redis_credit = |redis: &mut redis::Connection| {
+        redis::pipe()
+            .atomic()
+            .cmd("INCRBY")
+            .arg(CREDIT_KEY)
+            .arg(1)
+            .ignore()
+            .exec(redis)
+            .unwrap();
+    };
+    let transfer = |tm: &TransactionManager, db: &Database| {
+        let txn = tm.begin().unwrap();
+        db.join(&txn).unwrap().execute(DEBIT, []).unwrap();
+        store.join(&txn).unwrap().incr_by(CREDIT_KEY, 1).unwrap();
+        txn.commit().unwrap();
+    };
+
+    // Shared by the closures below, one at a time.
+    let redis_con = std::cell::RefCell::new(&mut redis_con);
+    let mut raw_full = || {
+        sqlite_debit(&mut full_db);
+        redis_credit(&mut redis_con.borrow_mut());
+    };
+    let mut raw_normal_sync = || {
+        sqlite_debit(&mut normal_db);
+        sync_wal(&normal_path);
+        redis_credit(&mut redis_con.borrow_mut());
+    };
+    let mut floor = || {
+        redis::pipe()
+            .atomic()
+            .set("bench:prepared", 1)
+            .ignore()
+            .exec(&mut **redis_con.borrow_mut())
+            .unwrap();
+        sqlite_debit(&mut floor_db);
+        redis_credit(&mut redis_con.borrow_mut());
+    };
+    let mut tm_default = || transfer(&tm, &db);
+    let mut tm_synchronous_full = || transfer(&tm_full, &db_full);
+
+    let mut group = c.benchmark_group("transfer_durable");
+    group
+        .measurement_time(Duration::from_secs(4))
+        .sample_size(20);
+    group.bench_function("raw_full", |b| b.iter(&mut raw_full));
+    group.bench_function("raw_normal_sync", |b| b.iter(&mut raw_normal_sync));
+    group.bench_function("floor", |b| b.iter(&mut floor));
+    group.bench_function("tm", |b| b.iter(&mut tm_default));
+    group.bench_function("tm_full", |b| b.iter(&mut tm_synchronous_full));
+    group.finish();
+
+    let (syncs0, syncs_full0) = (db.durable_syncs(), db_full.durable_syncs());
+    let (debits0, debits_full0) = (debited(&db), debited(&db_full));
+    if !test_mode {
+        let mut variants: [Variant<'_>; 5] = [
+            ("raw_full", Box::new(&mut raw_full)),
+            ("raw_normal_sync", Box::new(&mut raw_normal_sync)),
+            ("floor", Box::new(&mut floor)),
+            ("tm", Box::new(&mut tm_default)),
+            ("tm_full", Box::new(&mut tm_synchronous_full)),
+        ];
+        let result = interleaved(&mut variants, Duration::from_secs(8));
+        drop(variants);
+        // tm-sqlite's extra fsyncs per transfer during the interleaved run.
+        let per = |syncs: u64, debits: i64| syncs as f64 / (debits.max(1)) as f64;
+        let syncs = vec![
+            (
+                "tm".to_owned(),
+                per(db.durable_syncs() - syncs0, debited(&db) - debits0),
+            ),
+            (
+                "tm_full".to_owned(),
+                per(
+                    db_full.durable_syncs() - syncs_full0,
+                    debited(&db_full) - debits_full0,
+                ),
+            ),
+        ];
+        *DURABLE.lock() = Some((result, syncs));
+    }
+    for log in [&log, &log_full] {
+        assert!(tm::DecisionLog::pending(&**log).unwrap().is_empty());
+    }
+}
+
+/// How many transfers debited this database's account.
+fn debited(db: &Database) -> i64 {
+    db.with_connection(|c| {
+        c.query_row("SELECT 1000000000000 - balance FROM account", [], |r| {
+            r.get(0)
+        })
+    })
+    .unwrap()
+}
+
+fn report_durable() {
+    let durable = DURABLE.lock();
+    let Some((r, syncs)) = durable.as_ref() else {
+        return;
+    };
+    println!(
+        "\ndurable transfer, interleaved ({} rounds x {} transfers; ratios = median over rounds, same round)",
+        r.rounds, r.per_round
+    );
+    println!("| variant | per transfer | / raw_full | / floor | tm-sqlite fsyncs per transfer |");
+    println!("|---|---:|---:|---:|---:|");
+    for (i, (name, t, _)) in r.variants.iter().enumerate() {
+        let syncs = syncs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("–".to_owned(), |(_, s)| format!("{s:.2}"));
+        println!(
+            "| {name} | {:.1} µs | {:.3} | {:.3} | {syncs} |",
+            t / 1e3,
+            r.ratio(i, 0),
+            r.ratio(i, 2)
+        );
+    }
+}
+
 /// Where criterion writes its estimates (its own rule).
 fn criterion_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("CRITERION_HOME") {
         return PathBuf::from(home);
     }
+    // Cargo runs a bench in its package's folder (benches/), so a relative
+    // "target" would miss the workspace's target dir: take it from the
+    // `CARGO_TARGET_TMPDIR` (`<target>/tmp`) this bench was built with.
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
+        .or_else(|| {
+            Path::new(env!("CARGO_TARGET_TMPDIR"))
+                .parent()
+                .map(Path::to_path_buf)
+        })
         .unwrap_or_else(|| PathBuf::from("target"));
     target.join("criterion")
 }
@@ -341,7 +565,9 @@ fn main() {
     let test_mode = std::env::args().any(|a| a == "--test");
     scenario(&mut c, "everysec", false, test_mode);
     scenario(&mut c, "fsync_always", true, test_mode);
+    durable_scenario(&mut c, test_mode);
     c.final_summary();
     report_ratios();
     report_interleaved();
+    report_durable();
 }

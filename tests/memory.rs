@@ -8,7 +8,7 @@
 //! commit.
 //!
 //! 1,000,000 transactions in release builds (`cargo test --release --test
-//! memory`), 200,000 in debug builds to stay quick; `cargo bench --bench
+//! memory`), 200,000 in debug builds to stay quick; `cargo bench -p tm-benches --bench
 //! memory` runs 1,000,000 (or more) in release and reports the numbers.
 
 #[path = "support/memory_workload.rs"]

@@ -16,5 +16,5 @@ fi
 echo "--- Python transaction package" >&2
 "$VENV/bin/python" benches/peers/python_transaction.py > target/peers-python.json
 echo "--- tm (criterion, benches/core.rs)" >&2
-cargo bench --bench core -- --warm-up-time 1 --measurement-time "${MEASURE_SECS:-5}" >&2
-python3 benches/peers/compare.py target/peers-python.json target/criterion
+cargo bench -p tm-benches --bench core -- --warm-up-time 1 --measurement-time "${MEASURE_SECS:-5}" >&2
+python3 benches/peers/compare.py target/peers-python.json "${CRITERION_HOME:-${CARGO_TARGET_DIR:-target}/criterion}"
