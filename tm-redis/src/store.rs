@@ -98,6 +98,7 @@ impl Store {
     /// settings; fails with [`Error::NotDurable`] if they would lose prepares
     /// and `require_durable_prepare` is set.
     pub fn open_with(url: &str, options: Options) -> Result<Store> {
+        check_prefix(&options.prefix)?;
         let info = url
             .into_connection_info()
             .map_err(|e| Error::InvalidArgument(format!("not a redis URL {}: {e}", redact(url))))?;
@@ -229,6 +230,24 @@ impl Store {
     pub fn load_functions(&self) -> Result<()> {
         self.inner.load_functions(Phase::Open)
     }
+}
+
+/// Every tm key is `<prefix>{<tag>}:...`: a brace in the prefix would
+/// become (or break) the hash tag of every one of them, and an empty prefix
+/// would put tm's keys among the user's.
+fn check_prefix(prefix: &str) -> Result<()> {
+    if prefix.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the prefix \"\" of tm's keys is empty; choose one such as \"tm:\"".to_owned(),
+        ));
+    }
+    if prefix.contains(['{', '}']) {
+        return Err(Error::InvalidArgument(format!(
+            "the prefix {prefix:?} of tm's keys contains a brace; \
+             it would become the hash tag of every tm key"
+        )));
+    }
+    Ok(())
 }
 
 fn warn_once(server: &str, durability: &Durability) {
