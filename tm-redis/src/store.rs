@@ -403,6 +403,21 @@ impl StoreInner {
         k
     }
 
+    /// The name part of `key` if it is exactly `<prefix>{<tag>}:<kind>:<name>`
+    /// (the tag, like a Redis hash tag, ends at the first `}`), else `None`.
+    /// A SCAN glob `<prefix>{*}:<kind>:*` also matches the locks of user
+    /// keys shaped like tm keys (`<prefix>{}:lock:x}:prepared:<txid>`), and
+    /// user keys such as `<prefix>{x}y}:prepared:<txid>`; this tells them
+    /// apart.
+    pub(crate) fn tm_key_name<'a>(&self, key: &'a [u8], kind: &str) -> Option<&'a [u8]> {
+        let rest = key
+            .strip_prefix(self.prefix.as_slice())?
+            .strip_prefix(b"{")?;
+        let close = rest.iter().position(|&b| b == b'}')?;
+        let rest = rest[close + 1..].strip_prefix(b":")?;
+        rest.strip_prefix(kind.as_bytes())?.strip_prefix(b":")
+    }
+
     /// Finds the records of `txid` (key and field `k` of each): the untagged
     /// name, and a SCAN over the tagged ones. Usually one; more when two
     /// `Store`s opened separately on the same server and prefix took part in
@@ -418,7 +433,9 @@ impl StoreInner {
         pattern.extend_from_slice(b"{*}:prepared:");
         pattern.extend_from_slice(id.as_bytes());
         for name in self.scan(&pattern, phase)? {
-            if name == plain {
+            // The glob also matches locks of user keys shaped like a record
+            // (`x}:prepared:<txid>`) and such user keys themselves.
+            if name == plain || self.tm_key_name(&name, "prepared") != Some(id.as_bytes()) {
                 continue;
             }
             if let Some(blob) = self.record_keys(&name, phase)? {
@@ -435,7 +452,10 @@ impl StoreInner {
         let trace = |kind: &str| -> Result<bool> {
             let mut pattern = glob_escape(&self.prefix);
             pattern.extend_from_slice(format!("{{*}}:{kind}:{id}").as_bytes());
-            Ok(!self.scan(&pattern, phase)?.is_empty())
+            Ok(self
+                .scan(&pattern, phase)?
+                .iter()
+                .any(|name| self.tm_key_name(name, kind) == Some(id.as_bytes())))
         };
         if trace("applied")? {
             debug!(server = %self.server, %txid, "no record, and a receipt (applied before)");
@@ -547,8 +567,8 @@ impl StoreInner {
         let mut records: Vec<(TxId, &[u8])> = names
             .iter()
             .filter_map(|n| {
-                let pos = n.windows(10).rposition(|w| w == b":prepared:")?;
-                let txid = std::str::from_utf8(&n[pos + 10..]).ok()?.parse().ok()?;
+                let id = self.tm_key_name(n, "prepared")?;
+                let txid = std::str::from_utf8(id).ok()?.parse().ok()?;
                 Some((txid, n.as_slice()))
             })
             .collect();

@@ -605,7 +605,7 @@ impl RedisTxn {
     fn check_user_key(&self, key: &[u8]) -> Result<()> {
         if is_tm_key(&self.store.prefix, key) {
             return Err(Error::InvalidArgument(format!(
-                "key {:?} is in tm's own key space (prefix {:?}, `{{tag}}:lock:`, `rlock:`, `prepared:`, `aborted:`); \
+                "key {:?} is in tm's own key space (prefix {:?}, `{{tag}}:lock:`, `rlock:`, `prepared:`, `aborted:`, `applied:`); \
                  write it under another name or choose another Options::prefix",
                 String::from_utf8_lossy(key),
                 String::from_utf8_lossy(&self.store.prefix),
@@ -975,7 +975,7 @@ impl RedisTxn {
 const MAX_QUEUED_ARGS: usize = 7000;
 
 /// Whether `key` is one tm itself stores: `<prefix>{<tag>}:<kind>:...` with
-/// `kind` one of `lock`, `rlock`, `prepared`, `aborted`.
+/// `kind` one of `lock`, `rlock`, `prepared`, `aborted`, `applied`.
 fn is_tm_key(prefix: &[u8], key: &[u8]) -> bool {
     let Some(rest) = key.strip_prefix(prefix) else {
         return false;
@@ -987,9 +987,15 @@ fn is_tm_key(prefix: &[u8], key: &[u8]) -> bool {
         return false;
     };
     let rest = &rest[close + 1..];
-    [&b":lock:"[..], b":rlock:", b":prepared:", b":aborted:"]
-        .iter()
-        .any(|kind| rest.starts_with(kind))
+    [
+        &b":lock:"[..],
+        b":rlock:",
+        b":prepared:",
+        b":aborted:",
+        b":applied:",
+    ]
+    .iter()
+    .any(|kind| rest.starts_with(kind))
 }
 
 /// Parses like Redis's `string2ll` (no `+`, no leading zeros, no spaces).
