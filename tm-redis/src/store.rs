@@ -109,12 +109,11 @@ impl Store {
             url: redact(url),
             cause: source,
         })?;
-        let resource_id = format!("{server}#{}", options.prefix);
         let prefix = options.prefix.as_bytes().to_vec();
         let mut inner = StoreInner {
             client,
             server,
-            resource_id,
+            resource_id: String::new(),
             prefix,
             options,
             durability: Durability {
@@ -140,12 +139,27 @@ impl Store {
         for name in ["appendonly", "appendfsync", "maxmemory-policy"] {
             conn::command(&mut buf, &[b"CONFIG", b"GET", name.as_bytes()]);
         }
+        let id_key = inner.tm_key(b"", "store-id", b"");
+        let id_key = &id_key[..id_key.len() - 1]; // `<prefix>{}:store-id`
+        conn::command(
+            &mut buf,
+            &[b"SET", id_key, new_store_id().as_bytes(), b"NX"],
+        );
+        conn::command(&mut buf, &[b"GET", id_key]);
         let replies = conn
-            .request(&buf, 4)
+            .request(&buf, 6)
             .map_err(|source| inner.command_error(Phase::Open, "FUNCTION LOAD", source))?;
         if let Value::ServerError(e) = &replies[0] {
             return Err(inner.command_error(Phase::Open, "FUNCTION LOAD", e.clone().into()));
         }
+        inner.resource_id = match (&replies[4], &replies[5]) {
+            (_, Value::BulkString(id)) => format!("redis:{}", String::from_utf8_lossy(id)),
+            // A replica (READONLY) whose primary never opened a store.
+            (Value::ServerError(e), _) => {
+                return Err(inner.command_error(Phase::Open, "SET NX", e.clone().into()))
+            }
+            (_, other) => return Err(inner.unexpected(Phase::Open, "GET", other)),
+        };
         let config = |v: &Value| -> Option<String> {
             match v {
                 Value::Array(items) if items.len() == 2 => match &items[1] {
@@ -230,6 +244,25 @@ impl Store {
     pub fn load_functions(&self) -> Result<()> {
         self.inner.load_functions(Phase::Open)
     }
+}
+
+/// A new store id: 128 bits, hex. Only its uniqueness matters (the first
+/// open of a store on a server keeps it there with `SET NX`), so the std
+/// hasher's random keys, the clock and the pid are enough.
+fn new_store_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let half = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        h.write_u64(salt);
+        h.finish()
+    };
+    format!("{:016x}{:016x}", half(1), half(2))
 }
 
 /// Every tm key is `<prefix>{<tag>}:...`: a brace in the prefix would
@@ -650,6 +683,10 @@ fn glob_escape(s: &[u8]) -> Vec<u8> {
 }
 
 impl Recoverable for Store {
+    /// `redis:<store id>`: the id kept on the server under
+    /// `<prefix>{}:store-id`, made by the first open (`SET NX`). Every URL
+    /// of one server, db and prefix gives the same id, and it survives
+    /// restarts (it is in the AOF).
     fn resource_id(&self) -> String {
         self.inner.resource_id.clone()
     }

@@ -993,6 +993,7 @@ fn is_tm_key(prefix: &[u8], key: &[u8]) -> bool {
         b":prepared:",
         b":aborted:",
         b":applied:",
+        b":store-id",
     ]
     .iter()
     .any(|kind| rest.starts_with(kind))
