@@ -139,6 +139,13 @@ impl Layout {
         Layout { keys, nread, base }
     }
 
+    /// The write lock (`which` 1) or read lock (2) key of triple `j`
+    /// (1-based).
+    fn lock_key(&self, j: usize, which: usize) -> Option<&[u8]> {
+        let at = self.base + 3 * j.checked_sub(1)? + which;
+        self.keys.get(at).map(Vec::as_slice)
+    }
+
     /// The data keys, in layout order (read-only ones first).
     fn data(&self) -> impl ExactSizeIterator<Item = &[u8]> + Clone {
         self.keys[self.base..].iter().step_by(3).map(Vec::as_slice)
@@ -722,6 +729,22 @@ impl RedisTxn {
                         .map(Op::command)
                         .unwrap_or_default(),
                     detail: msg.to_owned(),
+                }
+            }
+            "TXLOCKTYPE" => {
+                let mut parts = detail.splitn(3, ' ');
+                let j: usize = parts.next().and_then(|j| j.parse().ok()).unwrap_or(0);
+                let which = if parts.next() == Some("read") { 2 } else { 1 };
+                let found = parts.next().unwrap_or("?").to_owned();
+                let key = layout
+                    .lock_key(j, which)
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                Error::LockKeyType {
+                    server: self.server().to_owned(),
+                    phase,
+                    key,
+                    found,
                 }
             }
             "TXABORTED" => Error::Aborted {

@@ -130,3 +130,51 @@ fn user_keys_shaped_like_tm_keys_commit_and_never_misfire_in_recovery() {
     }
     tm.abort().unwrap();
 }
+
+/// Another client put a value of the wrong type under one of tm's lock
+/// keys. Before: the prepare took the first read locks, then died on a
+/// WRONGTYPE in Lua, leaving read locks with no record.
+#[test]
+fn wrong_typed_lock_key_fails_the_vote_cleanly_leaving_no_lock_or_record() {
+    for (planted, kind) in [
+        ("tm:{}:rlock:b", "string"), // a read lock of a key only read
+        ("tm:{}:lock:c", "hash"),    // the write lock of a key written
+        ("tm:{}:rlock:c", "string"), // the read lock of a key written
+    ] {
+        let server = TestServer::start();
+        let store = store_of(&server);
+        let mut con = server.connection();
+        if kind == "hash" {
+            redis::cmd("HSET")
+                .arg(planted)
+                .arg("f")
+                .arg("v")
+                .exec(&mut con)
+                .unwrap();
+        } else {
+            redis::cmd("SET")
+                .arg(planted)
+                .arg("v")
+                .exec(&mut con)
+                .unwrap();
+        }
+        let (_dir, tm) = logged_manager();
+        let txn = tm.begin().unwrap();
+        let r = store.join(&txn).unwrap();
+        r.get::<String>("a").unwrap();
+        r.get::<String>("b").unwrap();
+        r.set("c", "1").unwrap();
+        let dm = r.data_manager();
+        dm.tpc_begin(&txn).unwrap();
+        dm.commit(&txn).unwrap();
+        let err = dm.tpc_vote(&txn).unwrap_err();
+        let left: Vec<String> = support::tm_keys(&server)
+            .into_iter()
+            .filter(|k| k != planted)
+            .collect();
+        assert!(left.is_empty(), "{planted}: left {left:?}");
+        assert!(format!("{err:?}").contains(planted), "{planted}: {err:?}");
+        assert_eq!(store.get::<String>("c").unwrap(), None);
+        tm.abort().unwrap();
+    }
+}
