@@ -92,6 +92,20 @@ pub enum Error {
         /// The server's reason.
         detail: String,
     },
+    /// One of tm's lock keys holds a value of another type, written by a
+    /// client other than tm: the vote (or one-phase commit) refused before
+    /// writing anything. Not retryable: remove the key.
+    #[error("{server}: lock key {key} holds a {found}, not a tm lock (written by another client?); refused at {phase}")]
+    LockKeyType {
+        /// The server.
+        server: String,
+        /// The protocol phase.
+        phase: Phase,
+        /// The lock key (lossy UTF-8).
+        key: String,
+        /// The type found there.
+        found: String,
+    },
     /// The transaction was already aborted on the server (a tombstone): a
     /// prepare arriving after its abort refuses.
     #[error("{server}: transaction {txid} was already aborted; its prepare is refused")]
@@ -216,6 +230,7 @@ impl Error {
             Error::Command { phase, .. }
             | Error::Conflict { phase, .. }
             | Error::Invalid { phase, .. }
+            | Error::LockKeyType { phase, .. }
             | Error::FunctionMissing { phase, .. }
             | Error::PartialApply { phase, .. }
             | Error::UnexpectedReply { phase, .. }
@@ -272,6 +287,7 @@ impl Error {
             Error::Command { server, .. }
             | Error::Conflict { server, .. }
             | Error::Invalid { server, .. }
+            | Error::LockKeyType { server, .. }
             | Error::Aborted { server, .. }
             | Error::FunctionMissing { server, .. }
             | Error::PartialApply { server, .. }

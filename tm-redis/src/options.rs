@@ -22,7 +22,9 @@ use std::time::Duration;
 // New fields always get a default, so that syntax stays compatible.
 pub struct Options {
     /// Prefix of every key tm itself stores (locks, prepared records,
-    /// tombstones). Default `tm:`.
+    /// tombstones). Default `tm:`. Must not be empty, nor contain `{` or
+    /// `}` (tm puts the hash tag right after it): `open` refuses such a
+    /// prefix with [`Error::InvalidArgument`](crate::Error::InvalidArgument).
     pub prefix: String,
     /// Idle connections kept for reuse. Default 8.
     pub pool_size: usize,

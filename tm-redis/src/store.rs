@@ -98,6 +98,7 @@ impl Store {
     /// settings; fails with [`Error::NotDurable`] if they would lose prepares
     /// and `require_durable_prepare` is set.
     pub fn open_with(url: &str, options: Options) -> Result<Store> {
+        check_prefix(&options.prefix)?;
         let info = url
             .into_connection_info()
             .map_err(|e| Error::InvalidArgument(format!("not a redis URL {}: {e}", redact(url))))?;
@@ -108,12 +109,11 @@ impl Store {
             url: redact(url),
             cause: source,
         })?;
-        let resource_id = format!("{server}#{}", options.prefix);
         let prefix = options.prefix.as_bytes().to_vec();
         let mut inner = StoreInner {
             client,
             server,
-            resource_id,
+            resource_id: String::new(),
             prefix,
             options,
             durability: Durability {
@@ -139,12 +139,27 @@ impl Store {
         for name in ["appendonly", "appendfsync", "maxmemory-policy"] {
             conn::command(&mut buf, &[b"CONFIG", b"GET", name.as_bytes()]);
         }
+        let id_key = inner.tm_key(b"", "store-id", b"");
+        let id_key = &id_key[..id_key.len() - 1]; // `<prefix>{}:store-id`
+        conn::command(
+            &mut buf,
+            &[b"SET", id_key, new_store_id().as_bytes(), b"NX"],
+        );
+        conn::command(&mut buf, &[b"GET", id_key]);
         let replies = conn
-            .request(&buf, 4)
+            .request(&buf, 6)
             .map_err(|source| inner.command_error(Phase::Open, "FUNCTION LOAD", source))?;
         if let Value::ServerError(e) = &replies[0] {
             return Err(inner.command_error(Phase::Open, "FUNCTION LOAD", e.clone().into()));
         }
+        inner.resource_id = match (&replies[4], &replies[5]) {
+            (_, Value::BulkString(id)) => format!("redis:{}", String::from_utf8_lossy(id)),
+            // A replica (READONLY) whose primary never opened a store.
+            (Value::ServerError(e), _) => {
+                return Err(inner.command_error(Phase::Open, "SET NX", e.clone().into()))
+            }
+            (_, other) => return Err(inner.unexpected(Phase::Open, "GET", other)),
+        };
         let config = |v: &Value| -> Option<String> {
             match v {
                 Value::Array(items) if items.len() == 2 => match &items[1] {
@@ -229,6 +244,43 @@ impl Store {
     pub fn load_functions(&self) -> Result<()> {
         self.inner.load_functions(Phase::Open)
     }
+}
+
+/// A new store id: 128 bits, hex. Only its uniqueness matters (the first
+/// open of a store on a server keeps it there with `SET NX`), so the std
+/// hasher's random keys, the clock and the pid are enough.
+fn new_store_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let half = |salt: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        h.write_u64(salt);
+        h.finish()
+    };
+    format!("{:016x}{:016x}", half(1), half(2))
+}
+
+/// Every tm key is `<prefix>{<tag>}:...`: a brace in the prefix would
+/// become (or break) the hash tag of every one of them, and an empty prefix
+/// would put tm's keys among the user's.
+fn check_prefix(prefix: &str) -> Result<()> {
+    if prefix.is_empty() {
+        return Err(Error::InvalidArgument(
+            "the prefix \"\" of tm's keys is empty; choose one such as \"tm:\"".to_owned(),
+        ));
+    }
+    if prefix.contains(['{', '}']) {
+        return Err(Error::InvalidArgument(format!(
+            "the prefix {prefix:?} of tm's keys contains a brace; \
+             it would become the hash tag of every tm key"
+        )));
+    }
+    Ok(())
 }
 
 fn warn_once(server: &str, durability: &Durability) {
@@ -384,6 +436,21 @@ impl StoreInner {
         k
     }
 
+    /// The name part of `key` if it is exactly `<prefix>{<tag>}:<kind>:<name>`
+    /// (the tag, like a Redis hash tag, ends at the first `}`), else `None`.
+    /// A SCAN glob `<prefix>{*}:<kind>:*` also matches the locks of user
+    /// keys shaped like tm keys (`<prefix>{}:lock:x}:prepared:<txid>`), and
+    /// user keys such as `<prefix>{x}y}:prepared:<txid>`; this tells them
+    /// apart.
+    pub(crate) fn tm_key_name<'a>(&self, key: &'a [u8], kind: &str) -> Option<&'a [u8]> {
+        let rest = key
+            .strip_prefix(self.prefix.as_slice())?
+            .strip_prefix(b"{")?;
+        let close = rest.iter().position(|&b| b == b'}')?;
+        let rest = rest[close + 1..].strip_prefix(b":")?;
+        rest.strip_prefix(kind.as_bytes())?.strip_prefix(b":")
+    }
+
     /// Finds the records of `txid` (key and field `k` of each): the untagged
     /// name, and a SCAN over the tagged ones. Usually one; more when two
     /// `Store`s opened separately on the same server and prefix took part in
@@ -399,7 +466,9 @@ impl StoreInner {
         pattern.extend_from_slice(b"{*}:prepared:");
         pattern.extend_from_slice(id.as_bytes());
         for name in self.scan(&pattern, phase)? {
-            if name == plain {
+            // The glob also matches locks of user keys shaped like a record
+            // (`x}:prepared:<txid>`) and such user keys themselves.
+            if name == plain || self.tm_key_name(&name, "prepared") != Some(id.as_bytes()) {
                 continue;
             }
             if let Some(blob) = self.record_keys(&name, phase)? {
@@ -416,7 +485,10 @@ impl StoreInner {
         let trace = |kind: &str| -> Result<bool> {
             let mut pattern = glob_escape(&self.prefix);
             pattern.extend_from_slice(format!("{{*}}:{kind}:{id}").as_bytes());
-            Ok(!self.scan(&pattern, phase)?.is_empty())
+            Ok(self
+                .scan(&pattern, phase)?
+                .iter()
+                .any(|name| self.tm_key_name(name, kind) == Some(id.as_bytes())))
         };
         if trace("applied")? {
             debug!(server = %self.server, %txid, "no record, and a receipt (applied before)");
@@ -528,8 +600,8 @@ impl StoreInner {
         let mut records: Vec<(TxId, &[u8])> = names
             .iter()
             .filter_map(|n| {
-                let pos = n.windows(10).rposition(|w| w == b":prepared:")?;
-                let txid = std::str::from_utf8(&n[pos + 10..]).ok()?.parse().ok()?;
+                let id = self.tm_key_name(n, "prepared")?;
+                let txid = std::str::from_utf8(id).ok()?.parse().ok()?;
                 Some((txid, n.as_slice()))
             })
             .collect();
@@ -611,6 +683,10 @@ fn glob_escape(s: &[u8]) -> Vec<u8> {
 }
 
 impl Recoverable for Store {
+    /// `redis:<store id>`: the id kept on the server under
+    /// `<prefix>{}:store-id`, made by the first open (`SET NX`). Every URL
+    /// of one server, db and prefix gives the same id, and it survives
+    /// restarts (it is in the AOF).
     fn resource_id(&self) -> String {
         self.inner.resource_id.clone()
     }

@@ -139,6 +139,13 @@ impl Layout {
         Layout { keys, nread, base }
     }
 
+    /// The write lock (`which` 1) or read lock (2) key of triple `j`
+    /// (1-based).
+    fn lock_key(&self, j: usize, which: usize) -> Option<&[u8]> {
+        let at = self.base + 3 * j.checked_sub(1)? + which;
+        self.keys.get(at).map(Vec::as_slice)
+    }
+
     /// The data keys, in layout order (read-only ones first).
     fn data(&self) -> impl ExactSizeIterator<Item = &[u8]> + Clone {
         self.keys[self.base..].iter().step_by(3).map(Vec::as_slice)
@@ -605,7 +612,7 @@ impl RedisTxn {
     fn check_user_key(&self, key: &[u8]) -> Result<()> {
         if is_tm_key(&self.store.prefix, key) {
             return Err(Error::InvalidArgument(format!(
-                "key {:?} is in tm's own key space (prefix {:?}, `{{tag}}:lock:`, `rlock:`, `prepared:`, `aborted:`); \
+                "key {:?} is in tm's own key space (prefix {:?}, `{{tag}}:lock:`, `rlock:`, `prepared:`, `aborted:`, `applied:`); \
                  write it under another name or choose another Options::prefix",
                 String::from_utf8_lossy(key),
                 String::from_utf8_lossy(&self.store.prefix),
@@ -722,6 +729,22 @@ impl RedisTxn {
                         .map(Op::command)
                         .unwrap_or_default(),
                     detail: msg.to_owned(),
+                }
+            }
+            "TXLOCKTYPE" => {
+                let mut parts = detail.splitn(3, ' ');
+                let j: usize = parts.next().and_then(|j| j.parse().ok()).unwrap_or(0);
+                let which = if parts.next() == Some("read") { 2 } else { 1 };
+                let found = parts.next().unwrap_or("?").to_owned();
+                let key = layout
+                    .lock_key(j, which)
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                Error::LockKeyType {
+                    server: self.server().to_owned(),
+                    phase,
+                    key,
+                    found,
                 }
             }
             "TXABORTED" => Error::Aborted {
@@ -975,7 +998,7 @@ impl RedisTxn {
 const MAX_QUEUED_ARGS: usize = 7000;
 
 /// Whether `key` is one tm itself stores: `<prefix>{<tag>}:<kind>:...` with
-/// `kind` one of `lock`, `rlock`, `prepared`, `aborted`.
+/// `kind` one of `lock`, `rlock`, `prepared`, `aborted`, `applied`.
 fn is_tm_key(prefix: &[u8], key: &[u8]) -> bool {
     let Some(rest) = key.strip_prefix(prefix) else {
         return false;
@@ -987,9 +1010,16 @@ fn is_tm_key(prefix: &[u8], key: &[u8]) -> bool {
         return false;
     };
     let rest = &rest[close + 1..];
-    [&b":lock:"[..], b":rlock:", b":prepared:", b":aborted:"]
-        .iter()
-        .any(|kind| rest.starts_with(kind))
+    [
+        &b":lock:"[..],
+        b":rlock:",
+        b":prepared:",
+        b":aborted:",
+        b":applied:",
+        b":store-id",
+    ]
+    .iter()
+    .any(|kind| rest.starts_with(kind))
 }
 
 /// Parses like Redis's `string2ll` (no `+`, no leading zeros, no spaces).

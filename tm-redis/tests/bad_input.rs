@@ -75,6 +75,25 @@ fn not_a_url_is_an_invalid_argument() {
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
 }
 
+/// A `{` or `}` in the prefix would become (or break) the hash tag of
+/// every tm key; an empty prefix puts tm's keys among the user's.
+#[test]
+fn prefix_with_a_brace_or_empty_is_refused_at_open_naming_it() {
+    let server = TestServer::start();
+    for prefix in ["app{1}:", "a{", "b}:", ""] {
+        let err = Store::open_with(&server.url(), Options::default().prefix(prefix)).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument(_)),
+            "{prefix:?}: {err}"
+        );
+        assert!(
+            err.to_string().contains(&format!("{prefix:?}")),
+            "{prefix:?}: {err}"
+        );
+    }
+    Store::open_with(&server.url(), Options::default().prefix("app:tm:")).unwrap();
+}
+
 #[test]
 fn wrongtype_write_is_caught_at_vote_and_nothing_is_written() {
     let server = TestServer::start();

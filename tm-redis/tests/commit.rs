@@ -503,12 +503,20 @@ fn prefix_and_tags_name_tm_keys() {
             "app:{u1}:lock:{u1}:a".to_owned(),
             "app:{u1}:lock:{u1}:b".to_owned(),
             format!("app:{{u1}}:prepared:{}", txn.id()),
+            "app:{}:store-id".to_owned(),
         ]
     );
     dm.tpc_finish(&txn).unwrap();
-    // Only the receipt is left, under the same tag.
-    let keys: Vec<String> = redis::cmd("KEYS").arg("app:*").query(&mut con).unwrap();
-    assert_eq!(keys, vec![format!("app:{{u1}}:applied:{}", txn.id())]);
+    // Only the receipt is left, under the same tag (and the store id).
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("app:*").query(&mut con).unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            format!("app:{{u1}}:applied:{}", txn.id()),
+            "app:{}:store-id".to_owned()
+        ]
+    );
     assert_eq!(store.get::<i64>("{u1}:b").unwrap(), Some(2));
 }
 

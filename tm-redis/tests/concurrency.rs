@@ -6,6 +6,8 @@ use tm_core::{DataManager, Error as TmError, Transaction, TransactionManager};
 use tm_redis::testing::TestServer;
 use tm_redis::{RedisHandle, Store};
 
+mod support;
+
 #[test]
 fn lost_update_is_prevented_4_threads_x_500_increments_end_at_2000() {
     let server = TestServer::start();
@@ -191,12 +193,7 @@ fn write_skew(x: &Store, y: &Store, servers: &[&TestServer]) -> (usize, usize) {
             (false, false) => panic!("interleaving {order:?}: both aborted"),
         }
         for server in servers {
-            let mut con = server.connection();
-            let keys: Vec<String> = redis::cmd("KEYS").arg("tm:*").query(&mut con).unwrap();
-            let left: Vec<_> = keys
-                .iter()
-                .filter(|k| !k.contains(":aborted:") && !k.contains(":applied:"))
-                .collect();
+            let left = support::tm_keys(server);
             assert!(left.is_empty(), "interleaving {order:?} left {left:?}");
         }
     }

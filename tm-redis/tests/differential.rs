@@ -592,7 +592,9 @@ fn run_oracle(con: &mut redis::Connection, ops: &[Op]) -> Vec<(usize, String)> {
 fn tm_keys_left(con: &mut redis::Connection) -> Vec<String> {
     let keys: Vec<String> = redis::cmd("KEYS").arg("tm:*").query(con).unwrap();
     keys.into_iter()
-        .filter(|k| !k.contains(":aborted:") && !k.contains(":applied:"))
+        .filter(|k| {
+            !k.contains(":aborted:") && !k.contains(":applied:") && !k.ends_with("}:store-id")
+        })
         .collect()
 }
 

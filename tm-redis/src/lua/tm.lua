@@ -30,6 +30,9 @@
 -- Replies that refuse start with a code the client maps to its errors:
 --   TXCONFLICT <triple> <write|read> <holder>   a lock of another transaction
 --   TXINVALID <op> <message>                     the staged commands cannot run
+--   TXLOCKTYPE <triple> <write|read> <type>      a lock key holds a value of
+--                                                another type (an outside
+--                                                client wrote it)
 --   TXABORTED                                    the transaction was aborted
 --   TXPREPARED                                   a prepare arrived twice
 --                                                (or after the apply)
@@ -62,12 +65,16 @@ end
 
 -- Lock check: no other transaction may hold a write lock on a key read or
 -- written, nor a read lock on a key written. Refuses at once (never waits).
+-- Every lock key the caller will write (prepare, `extra` given, takes the
+-- read locks of the keys it only read too) is also checked for its type
+-- (another client may have put anything there): a WRONGTYPE raised by a
+-- later write would leave a partial prepare, since Lua has no rollback.
 local function check_locks(base, nread, txid, extra)
     local n = triples(base)
     local probe = extra or {}
     for j = 1, n do
         probe[#probe + 1] = wlock_key(base, j)
-        if j > nread then probe[#probe + 1] = rlock_key(base, j) end
+        if j > nread or extra then probe[#probe + 1] = rlock_key(base, j) end
     end
     if chunked('EXISTS', probe) == 0 then return nil end
     if extra then
@@ -75,9 +82,18 @@ local function check_locks(base, nread, txid, extra)
         if redis.call('EXISTS', extra[1], extra[4]) > 0 then return 'TXPREPARED the transaction is already prepared' end
     end
     for j = 1, n do
-        local w = redis.call('GET', wlock_key(base, j))
-        if w and w ~= txid then return 'TXCONFLICT ' .. j .. ' write ' .. w end
-        if j > nread then
+        local wt = redis.call('TYPE', wlock_key(base, j))['ok']
+        if wt ~= 'none' and wt ~= 'string' then return 'TXLOCKTYPE ' .. j .. ' write ' .. wt end
+        local rt = 'none'
+        if j > nread or extra then
+            rt = redis.call('TYPE', rlock_key(base, j))['ok']
+            if rt ~= 'none' and rt ~= 'set' then return 'TXLOCKTYPE ' .. j .. ' read ' .. rt end
+        end
+        if wt == 'string' then
+            local w = redis.call('GET', wlock_key(base, j))
+            if w ~= txid then return 'TXCONFLICT ' .. j .. ' write ' .. w end
+        end
+        if j > nread and rt == 'set' then
             for _, r in ipairs(redis.call('SMEMBERS', rlock_key(base, j))) do
                 if r ~= txid then return 'TXCONFLICT ' .. j .. ' read ' .. r end
             end

@@ -47,13 +47,15 @@ pub fn logged_manager() -> (tempfile::TempDir, TransactionManager) {
     (dir, tm)
 }
 
-/// Every key tm itself left on the server, tombstones and receipts aside
-/// (lossy UTF-8).
+/// Every key tm itself left on the server, tombstones, receipts and the
+/// store id aside (lossy UTF-8).
 pub fn tm_keys(server: &tm_redis::testing::TestServer) -> Vec<String> {
     let mut con = server.connection();
     let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("tm:*").query(&mut con).unwrap();
     keys.iter()
         .map(|k| String::from_utf8_lossy(k).into_owned())
-        .filter(|k| !k.contains(":aborted:") && !k.contains(":applied:"))
+        .filter(|k| {
+            !k.contains(":aborted:") && !k.contains(":applied:") && !k.ends_with("}:store-id")
+        })
         .collect()
 }
