@@ -7,8 +7,7 @@
 //! ```text
 //! cargo test -p tm-core --test model_check --release -- --nocapture
 //! TM_MODEL_FULL=1 cargo test -p tm-core --test model_check --release -- --nocapture
-//! TM_MODEL_SERVE=127.0.0.1:3000 cargo test -p tm-core --test model_check --release \
-//!     -- --ignored serve_explorer --nocapture     # stateright's web explorer
+//! cargo run -p tm-core --example model_explorer --release   # stateright's web explorer
 //! ```
 //!
 //! # What is modelled
@@ -291,23 +290,4 @@ fn a_log_nobody_recovers_leaves_records_prepared() {
     config.workers.retain(|&log| log == 0);
     let property = "every prepared record is resolved";
     assert_broken("nobody recovers L2", config, &[property]);
-}
-
-/// Stateright's web explorer on the new rules, at `TM_MODEL_SERVE`
-/// (default `127.0.0.1:3000`); it runs until the process is killed.
-/// `TM_MODEL_FOREIGN=1` explores the foreign-log configuration.
-#[test]
-#[ignore = "interactive: runs stateright's web explorer until killed"]
-fn serve_explorer() {
-    let address = std::env::var("TM_MODEL_SERVE").unwrap_or_else(|_| "127.0.0.1:3000".into());
-    let wanted = if std::env::var_os("TM_MODEL_FOREIGN").is_some() {
-        "foreign log"
-    } else {
-        "shared log"
-    };
-    let (_, config) = Config::for_new_rules()
-        .into_iter()
-        .find(|(name, _)| *name == wanted)
-        .unwrap();
-    config.checker().serve(address);
 }
