@@ -8,7 +8,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use crate::error::Error;
-use crate::manager::{abort_logged, run_in, TransactionManager, TxError};
+use crate::retry::{abort_logged, run_in, TxError};
 use crate::transaction::Transaction;
 
 /// The pause between attempts.
@@ -109,14 +109,14 @@ struct Progress {
 /// # Ok::<(), tm_core::Error>(())
 /// ```
 pub struct Attempts {
-    tm: TransactionManager,
+    tm: Rc<dyn Source>,
     total: u32,
     next: u32,
     progress: Rc<Progress>,
 }
 
 impl Attempts {
-    pub(crate) fn new(tm: TransactionManager, total: u32) -> Self {
+    pub(crate) fn new(tm: Rc<dyn Source>, total: u32) -> Self {
         Attempts {
             tm,
             total,
@@ -160,9 +160,18 @@ impl Iterator for Attempts {
     }
 }
 
+/// What a retry loop needs of its manager (the manager implements it), so
+/// that this module needs nothing of `manager.rs`.
+pub(crate) trait Source {
+    /// A new transaction for one attempt (none may be active).
+    fn begin_attempt(&self) -> Result<Transaction, Error>;
+    /// The pause between attempts.
+    fn backoff(&self) -> Backoff;
+}
+
 /// One attempt of a retry loop.
 pub struct Attempt {
-    tm: TransactionManager,
+    tm: Rc<dyn Source>,
     number: u32,
     total: u32,
     progress: Rc<Progress>,
@@ -255,12 +264,5 @@ impl Attempt {
             );
         }
         Err(err)
-    }
-}
-
-impl TransactionManager {
-    fn begin_attempt(&self) -> Result<Transaction, Error> {
-        self.ensure_no_transaction()?;
-        self.begin()
     }
 }

@@ -52,6 +52,7 @@ mod memory;
 mod phase;
 mod recovery;
 mod recovery_service;
+mod retry;
 mod savepoint;
 mod status;
 pub mod testing;
@@ -63,13 +64,14 @@ pub use data_manager::{DataManager, Phase, ResourceSavepoint, Synchronizer};
 pub use decision_log::{Decision, DecisionLog, LogId, Outcome};
 pub use error::{BoxError, Error, Missing, Report, Result};
 pub use file_log::FileDecisionLog;
-pub use manager::{TransactionManager, TransactionManagerBuilder, TxError};
+pub use manager::{TransactionManager, TransactionManagerBuilder};
 pub use memory::{MemoryHandle, MemoryStore};
 pub use recovery::{
     recover, recover_with, resolve, InDoubt, Recoverable, RecoveryOptions, RecoveryReport,
     Resolution,
 };
 pub use recovery_service::{RecoveryService, RecoveryServiceBuilder};
+pub use retry::TxError;
 pub use savepoint::Savepoint;
 pub use status::Status;
 pub use transaction::Transaction;
