@@ -82,7 +82,7 @@ struct Progress {
 }
 
 /// The attempts of a retry loop (an iterator of [`Attempt`]s), from
-/// [`TransactionManager::attempts`].
+/// [`TransactionManager::attempts`](crate::TransactionManager::attempts).
 ///
 /// It stops after the first success; a retryable failure on any attempt but
 /// the last is swallowed and the loop goes on after the backoff; the last
