@@ -150,9 +150,24 @@ impl DbInner {
         // Reading the mode back also reads the file header: a file that is
         // not a database fails here, at open, not in the first transaction.
         let wanted = self.options.journal_mode.as_str();
-        let mode: String = conn
-            .query_row(&format!("PRAGMA journal_mode = {wanted}"), [], |r| r.get(0))
-            .map_err(err)?;
+        // Changing the journal mode escalates a read lock to an exclusive
+        // one; when another connection does the same at once SQLite answers
+        // BUSY at once, without its busy handler (it would deadlock). Retry
+        // it within the busy timeout, as the handler would.
+        let deadline = std::time::Instant::now() + self.options.busy_timeout;
+        let mut pause = std::time::Duration::from_millis(1);
+        let mode: String = loop {
+            match conn.query_row(&format!("PRAGMA journal_mode = {wanted}"), [], |r| r.get(0)) {
+                Err(e)
+                    if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                        && std::time::Instant::now() + pause < deadline =>
+                {
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(50));
+                }
+                other => break other.map_err(err)?,
+            }
+        };
         if !mode.eq_ignore_ascii_case(wanted) {
             warn!(db = %self.name, wanted, got = %mode, "SQLite did not accept the journal mode");
         }

@@ -231,8 +231,10 @@ fn two_pools_creating_the_log_at_once_agree_on_one_id() {
         .map(|_| {
             let (path, barrier) = (path.clone(), barrier.clone());
             std::thread::spawn(move || {
-                let db = Database::open(&path).unwrap();
+                // Both open the fresh file at once too (switching it to WAL
+                // at once answered BUSY without the busy handler).
                 barrier.wait();
+                let db = Database::open(&path).unwrap();
                 SqliteDecisionLog::new(&db).unwrap().id()
             })
         })
