@@ -286,3 +286,35 @@ fn redis_prepared_without_a_decision_is_aborted_by_recovery() {
     s.assert_no_redis_leftovers();
     tm.abort().ok();
 }
+
+#[test]
+fn sqlite_and_redis_without_a_log_or_with_the_log_outside_sqlite_are_refused() {
+    let s = stores();
+    let dir = tempfile::tempdir().unwrap();
+    let outside = Arc::new(tm::FileDecisionLog::open(dir.path().join("log")).unwrap());
+    for (tm, says) in [
+        (TransactionManager::explicit(), "no decision log"),
+        (
+            TransactionManager::builder()
+                .explicit(true)
+                .decision_log(outside)
+                .build(),
+            "kept outside it",
+        ),
+    ] {
+        let txn = tm.begin().unwrap();
+        s.transfer(&txn).unwrap();
+        let err = txn.commit().unwrap_err();
+        assert!(matches!(err, Error::UnsafeSetup(_)), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+        tm.abort().unwrap();
+        assert_eq!(s.balances(), (100, 0), "nothing may change");
+        s.assert_no_redis_leftovers();
+    }
+    // The log inside SQLite: the same transfer commits.
+    let tm = s.manager().build();
+    let txn = tm.begin().unwrap();
+    s.transfer(&txn).unwrap();
+    txn.commit().unwrap();
+    assert_eq!(s.balances(), (90, 10));
+}
