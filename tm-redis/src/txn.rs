@@ -1125,6 +1125,12 @@ impl DataManager for RedisTxn {
             inner: self.store.clone(),
         }))
     }
+
+    /// Always (a durable prepare), without building the id `recovery_id`
+    /// would allocate: the set-up check asks it on every commit.
+    fn prepares_durably(&self) -> bool {
+        true
+    }
 }
 
 struct RedisSavepoint {
