@@ -657,6 +657,7 @@ fn redis_prepared_keys_put_the_hash_tag_first() {
         b"tm:{u1}:lock:{u1}:a".to_vec(),
         b"tm:{u1}:lock:{u1}:b".to_vec(),
         format!("tm:{{u1}}:prepared:{id}").into_bytes(),
+        b"tm:{}:records".to_vec(), // the index of prepared records
     ];
     assert_eq!(tm_keys(&server), want);
     assert_eq!(
@@ -680,7 +681,8 @@ fn redis_prepared_keys_put_the_hash_tag_first() {
         tm_keys(&server),
         vec![
             b"tm:{}:lock:plain".to_vec(),
-            format!("tm:{{}}:prepared:{id}").into_bytes()
+            format!("tm:{{}}:prepared:{id}").into_bytes(),
+            b"tm:{}:records".to_vec(),
         ]
     );
     dm.tpc_abort(&txn).unwrap();
@@ -714,6 +716,7 @@ fn redis_prefix_option_names_every_tm_key() {
         vec![
             "app:tx:{}:lock:k".to_owned(),
             format!("app:tx:{{}}:prepared:{}", txn.id()),
+            "app:tx:{}:records".to_owned(),
             "app:tx:{}:store-id".to_owned()
         ]
     );

@@ -72,23 +72,29 @@ pub enum Error {
     /// transaction ended).
     #[error("invalid savepoint: an earlier savepoint was rolled back or the transaction ended")]
     InvalidSavepoint,
-    /// The outcome is mixed: after the commit decision some resources
-    /// committed and others did not. `in_doubt` ones stay prepared and are
-    /// finished (committed) by [`recover`](crate::recover) from the logged
-    /// decision; `rolled_back` ones lost their part for good (a second
-    /// one-phase resource that refused after the first committed, a
-    /// prepared record that recovery aborted or that was lost).
+    /// The outcome is mixed or unknown: some resources committed and others
+    /// did not, or a resource cannot tell. `in_doubt` ones either stay
+    /// prepared, and are finished (committed) by [`recover`](crate::recover)
+    /// from the logged decision, or are a one-phase commit whose reply was
+    /// lost (it may or may not have happened); `rolled_back` ones lost their
+    /// part for good (a second one-phase resource that refused after the
+    /// first committed, a prepared record that recovery aborted or that was
+    /// lost). A resource named both committed and rolled back committed in
+    /// part (e.g. a Redis write that failed while the others were applied;
+    /// its log says which).
     #[error(
-        "heuristic outcome after the commit decision: committed {committed:?}, rolled back \
-         {rolled_back:?}, in doubt {in_doubt:?} (still prepared: recovery commits them from the \
-         logged decision)"
+        "heuristic outcome: committed {committed:?}, rolled back {rolled_back:?}, in doubt \
+         {in_doubt:?} (a prepared one is committed by recovery from the logged decision; a \
+         one-phase commit whose reply was lost may or may not have happened)"
     )]
     Heuristic {
         /// Resources that committed.
         committed: Vec<String>,
         /// Resources whose part is rolled back or gone.
         rolled_back: Vec<String>,
-        /// Resources still prepared: recovery will commit them.
+        /// Resources whose outcome is not known yet: still prepared
+        /// (recovery will commit them), or a one-phase commit whose reply
+        /// was lost.
         in_doubt: Vec<String>,
     },
     /// Recovery recorded an abort of this transaction before its commit

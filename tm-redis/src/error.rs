@@ -115,6 +115,48 @@ pub enum Error {
         /// The transaction.
         txid: String,
     },
+    /// The transaction was already prepared on the server (or already
+    /// applied): a second prepare of it is refused.
+    #[error(
+        "{server}: transaction {txid} is already prepared or applied; a second prepare is refused"
+    )]
+    AlreadyPrepared {
+        /// The server.
+        server: String,
+        /// The transaction.
+        txid: String,
+    },
+    /// The prepare reached the server later than
+    /// [`Options::tombstone_ttl`](crate::Options::tombstone_ttl) after it
+    /// was sent (by the client's clock against the server's): an abort's
+    /// tombstone may be gone, so it is refused; nothing was written.
+    #[error("{server}: the prepare of {txid} arrived more than {limit:?} after it was sent (or the client's clock is ahead of the server's); refused")]
+    PrepareTooLate {
+        /// The server.
+        server: String,
+        /// The transaction.
+        txid: String,
+        /// The limit.
+        limit: std::time::Duration,
+    },
+    /// The vote was applied on the primary but not acknowledged by the
+    /// replicas it waits for (`WAIT`) within
+    /// [`Options::replica_timeout`](crate::Options::replica_timeout): a
+    /// failover could lose it, so it is not taken as a yes. The prepare is
+    /// aborted (or left to recovery).
+    #[error("{server}: {acked} of {wanted} replicas acknowledged at {phase} within {waited:?}; not taken as done")]
+    NotReplicated {
+        /// The server (the primary).
+        server: String,
+        /// The protocol phase.
+        phase: Phase,
+        /// How many replicas acknowledged.
+        acked: usize,
+        /// How many it waits for.
+        wanted: usize,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
     /// tm's Redis functions were missing (e.g. a `FUNCTION FLUSH`); they have
     /// been loaded again. Retryable.
     #[error("{server}: function {function} missing at {phase}; library reloaded")]
@@ -233,6 +275,7 @@ impl Error {
             | Error::LockKeyType { phase, .. }
             | Error::FunctionMissing { phase, .. }
             | Error::PartialApply { phase, .. }
+            | Error::NotReplicated { phase, .. }
             | Error::UnexpectedReply { phase, .. }
             | Error::Unavailable { phase, .. } => Some(*phase),
             Error::Connect { .. } => Some(Phase::Open),
@@ -289,6 +332,9 @@ impl Error {
             | Error::Invalid { server, .. }
             | Error::LockKeyType { server, .. }
             | Error::Aborted { server, .. }
+            | Error::AlreadyPrepared { server, .. }
+            | Error::PrepareTooLate { server, .. }
+            | Error::NotReplicated { server, .. }
             | Error::FunctionMissing { server, .. }
             | Error::PartialApply { server, .. }
             | Error::ReadAfterWrite { server, .. }

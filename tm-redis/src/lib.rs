@@ -111,15 +111,20 @@
 
 mod conn;
 mod error;
+mod handle;
+mod manager;
+mod ops;
 mod options;
+mod overlay;
+mod recovery;
 mod store;
 pub mod testing;
-mod txn;
+mod wire;
 
 pub use error::{Error, Result};
+pub use handle::{RedisHandle, MAX_TTL};
 pub use options::{Durability, Options};
 pub use store::Store;
-pub use txn::{RedisHandle, MAX_TTL};
 
 /// The `redis` crate tm-redis was built with, for raw commands on
 /// [`Store::client`] without pinning a version of your own.

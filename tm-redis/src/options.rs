@@ -53,6 +53,15 @@ pub struct Options {
     /// ([`tm_core::Missing::Lost`]): a false alarm, never a false success.
     /// Default 24 hours.
     pub receipt_ttl: Duration,
+    /// How many replicas a vote waits for (`WAIT`, pipelined after the
+    /// prepare: no extra round trip) before it answers yes. `None` (the
+    /// default): as many as were connected when the store opened, so a
+    /// failover to any of them keeps every acknowledged prepare. A vote
+    /// they do not acknowledge within [`replica_timeout`](Self::replica_timeout)
+    /// fails with [`Error::NotReplicated`](crate::Error::NotReplicated).
+    pub wait_replicas: Option<usize>,
+    /// How long a vote waits for the replicas. Default 1 s.
+    pub replica_timeout: Duration,
 }
 
 impl Default for Options {
@@ -66,6 +75,8 @@ impl Default for Options {
             require_durable_prepare: false,
             tombstone_ttl: Duration::from_secs(24 * 3600),
             receipt_ttl: Duration::from_secs(24 * 3600),
+            wait_replicas: None,
+            replica_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -118,6 +129,18 @@ impl Options {
         self.receipt_ttl = ttl;
         self
     }
+
+    /// Sets [`Options::wait_replicas`].
+    pub fn wait_replicas(mut self, n: Option<usize>) -> Self {
+        self.wait_replicas = n;
+        self
+    }
+
+    /// Sets [`Options::replica_timeout`].
+    pub fn replica_timeout(mut self, timeout: Duration) -> Self {
+        self.replica_timeout = timeout;
+        self
+    }
 }
 
 /// The server's durability settings as found at open (`CONFIG GET`). `None`
@@ -139,9 +162,35 @@ pub struct Durability {
     pub appendfsync: Option<String>,
     /// `maxmemory-policy`.
     pub maxmemory_policy: Option<String>,
+    /// `maxmemory` in bytes (0: no limit, so nothing is ever evicted).
+    pub maxmemory: Option<u64>,
+    /// Replicas connected when the store opened (`INFO replication`).
+    pub replicas: Option<usize>,
+    /// How many replicas each vote waits for
+    /// ([`Options::wait_replicas`]); prepares reach the replicas when this
+    /// is at least [`replicas`](Self::replicas).
+    pub replicas_waited: usize,
 }
 
 impl Durability {
+    /// Nothing known yet.
+    pub(crate) fn unknown() -> Durability {
+        Durability {
+            appendonly: None,
+            appendfsync: None,
+            maxmemory_policy: None,
+            maxmemory: None,
+            replicas: None,
+            replicas_waited: 0,
+        }
+    }
+
+    /// Whether every vote waits until the prepare reached every replica
+    /// connected at open (`true` with none).
+    pub fn prepares_reach_replicas(&self) -> bool {
+        self.replicas_waited >= self.replicas.unwrap_or(0)
+    }
+
     /// What would lose an acknowledged prepare; empty when durable.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
@@ -157,12 +206,25 @@ impl Durability {
             )),
             None => problems.push("appendfsync is unknown".to_owned()),
         }
-        match self.maxmemory_policy.as_deref() {
-            Some(p) if p == "noeviction" || p.starts_with("volatile-") => {}
-            Some(other) => problems.push(format!(
-                "maxmemory-policy is {other} (may evict locks and prepared records)"
+        // Locks and records have no TTL, but tombstones and receipts do: a
+        // `volatile-*` policy may evict them, and then a late prepare lands
+        // after its abort, or a finished transaction reads as lost.
+        match (self.maxmemory_policy.as_deref(), self.maxmemory) {
+            (Some("noeviction"), _) | (_, Some(0)) => {}
+            (Some(p), _) if p.starts_with("volatile-") => problems.push(format!(
+                "maxmemory-policy is {p} with a maxmemory limit (may evict tm's tombstones and receipts, which have a TTL; use noeviction)"
             )),
-            None => problems.push("maxmemory-policy is unknown".to_owned()),
+            (Some(other), _) => problems.push(format!(
+                "maxmemory-policy is {other} with a maxmemory limit (may evict locks and prepared records; use noeviction)"
+            )),
+            (None, _) => problems.push("maxmemory-policy is unknown".to_owned()),
+        }
+        if !self.prepares_reach_replicas() {
+            problems.push(format!(
+                "{} replicas, and votes wait for {} (a failover to one that lacks a prepare loses it)",
+                self.replicas.unwrap_or(0),
+                self.replicas_waited
+            ));
         }
         problems
     }
@@ -178,7 +240,15 @@ impl fmt::Display for Durability {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let problems = self.problems();
         if problems.is_empty() {
-            f.write_str("durable (appendonly yes, appendfsync always, no eviction of tm keys)")
+            f.write_str("durable (appendonly yes, appendfsync always, no eviction of tm keys")?;
+            match self.replicas {
+                Some(n) if n > 0 => write!(
+                    f,
+                    ", votes wait for {} of {n} replicas)",
+                    self.replicas_waited
+                ),
+                _ => f.write_str(", no replicas)"),
+            }
         } else {
             f.write_str(&problems.join("; "))
         }

@@ -1,22 +1,21 @@
 //! `Store`: one Redis server (and db) as a tm resource.
 
+use std::any::Any;
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::{IntoConnectionInfo, Value};
-use tm_core::{InDoubt, Missing, Phase, Recoverable, Transaction, TxId, TxIdMap};
+use tm_core::{Missing, Phase, TxId, TxIdMap};
 use tracing::{debug, warn};
 
 use crate::conn::{self, Conn};
 use crate::error::{Error, Result};
 use crate::options::{Durability, Options};
-use crate::txn::{self, RedisHandle, RedisTxn};
-
-/// The server-side code, loaded with `FUNCTION LOAD REPLACE` at open.
-pub(crate) const LIBRARY: &str = include_str!("lua/tm.lua");
+use crate::wire::{self, Keyspace};
 
 /// A Redis server (one db) as a transactional resource.
 ///
@@ -49,19 +48,24 @@ pub(crate) struct StoreInner {
     client: redis::Client,
     /// The server, as named in errors and as sort key: `redis://host:port/db`.
     pub(crate) server: String,
-    resource_id: String,
-    pub(crate) prefix: Vec<u8>,
+    pub(crate) resource_id: String,
+    pub(crate) keys: Keyspace,
     pub(crate) options: Options,
     durability: Durability,
     idle: Mutex<Vec<Conn>>,
-    pub(crate) open: Mutex<TxIdMap<Arc<RedisTxn>>>,
+    /// The open transactions' data managers (`manager::RedisTxn`), so that
+    /// joining twice gives the same one. Typed `Any` so that the store
+    /// knows nothing of the data manager.
+    pub(crate) open: Mutex<TxIdMap<Arc<dyn Any + Send + Sync>>>,
+    /// Records of tm versions before the index were put in it.
+    pub(crate) legacy_indexed: AtomicBool,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
             .field("server", &self.inner.server)
-            .field("prefix", &String::from_utf8_lossy(&self.inner.prefix))
+            .field("prefix", &self.inner.options.prefix)
             .finish()
     }
 }
@@ -109,20 +113,17 @@ impl Store {
             url: redact(url),
             cause: source,
         })?;
-        let prefix = options.prefix.as_bytes().to_vec();
+        let keys = Keyspace::new(options.prefix.as_bytes());
         let mut inner = StoreInner {
             client,
             server,
             resource_id: String::new(),
-            prefix,
+            keys,
             options,
-            durability: Durability {
-                appendonly: None,
-                appendfsync: None,
-                maxmemory_policy: None,
-            },
+            durability: Durability::unknown(),
             idle: Mutex::new(Vec::new()),
             open: Mutex::new(TxIdMap::default()),
+            legacy_indexed: AtomicBool::new(false),
         };
         let mut conn = inner.connect().map_err(|err| match err {
             Error::Connect { cause: source, .. } => Error::Connect {
@@ -132,27 +133,25 @@ impl Store {
             other => other,
         })?;
         let mut buf = Vec::new();
-        conn::command(
-            &mut buf,
-            &[b"FUNCTION", b"LOAD", b"REPLACE", LIBRARY.as_bytes()],
-        );
-        for name in ["appendonly", "appendfsync", "maxmemory-policy"] {
+        wire::load_library(&mut buf);
+        for name in ["appendonly", "appendfsync", "maxmemory-policy", "maxmemory"] {
             conn::command(&mut buf, &[b"CONFIG", b"GET", name.as_bytes()]);
         }
-        let id_key = inner.tm_key(b"", "store-id", b"");
-        let id_key = &id_key[..id_key.len() - 1]; // `<prefix>{}:store-id`
+        let id_key = inner.keys.store_id();
         conn::command(
             &mut buf,
-            &[b"SET", id_key, new_store_id().as_bytes(), b"NX"],
+            &[b"SET", &id_key, new_store_id().as_bytes(), b"NX"],
         );
-        conn::command(&mut buf, &[b"GET", id_key]);
-        let replies = conn
-            .request(&buf, 6)
+        conn::command(&mut buf, &[b"GET", &id_key]);
+        conn::command(&mut buf, &[b"INFO", b"replication"]);
+        let mut replies = conn
+            .request(&buf, 8)
             .map_err(|source| inner.command_error(Phase::Open, "FUNCTION LOAD", source))?;
+        let info = replies.pop().unwrap_or(Value::Nil);
         if let Value::ServerError(e) = &replies[0] {
             return Err(inner.command_error(Phase::Open, "FUNCTION LOAD", e.clone().into()));
         }
-        inner.resource_id = match (&replies[4], &replies[5]) {
+        inner.resource_id = match (&replies[5], &replies[6]) {
             (_, Value::BulkString(id)) => format!("redis:{}", String::from_utf8_lossy(id)),
             // A replica (READONLY) whose primary never opened a store.
             (Value::ServerError(e), _) => {
@@ -175,10 +174,18 @@ impl Store {
                 _ => None,
             }
         };
+        let replicas = replica_count(&info);
+        let waited = match inner.options.wait_replicas {
+            Some(n) => n,
+            None => replicas.unwrap_or(0),
+        };
         inner.durability = Durability {
             appendonly: config(&replies[1]).map(|v| v == "yes"),
             appendfsync: config(&replies[2]),
             maxmemory_policy: config(&replies[3]),
+            maxmemory: config(&replies[4]).and_then(|v| v.parse().ok()),
+            replicas,
+            replicas_waited: waited,
         };
         if !inner.durability.is_durable() {
             if inner.options.require_durable_prepare {
@@ -193,12 +200,6 @@ impl Store {
         Ok(Store {
             inner: Arc::new(inner),
         })
-    }
-
-    /// Joins this store to `txn` and returns the transaction's handle (the
-    /// same transaction state however often it is called).
-    pub fn join(&self, txn: &Transaction) -> Result<RedisHandle> {
-        txn::join(self, txn)
     }
 
     /// The durability settings found at open.
@@ -244,6 +245,18 @@ impl Store {
     pub fn load_functions(&self) -> Result<()> {
         self.inner.load_functions(Phase::Open)
     }
+}
+
+/// `connected_slaves:<n>` of `INFO replication`.
+fn replica_count(info: &Value) -> Option<usize> {
+    let text = match info {
+        Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        Value::VerbatimString { text, .. } => text.clone(),
+        _ => return None,
+    };
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("connected_slaves:"))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// A new store id: 128 bits, hex. Only its uniqueness matters (the first
@@ -374,6 +387,43 @@ impl StoreInner {
         }
     }
 
+    /// Returns a connection that may still hold a transaction's WATCHes:
+    /// its next user sends `UNWATCH` first (pipelined).
+    pub(crate) fn release_watched(&self, mut conn: Conn) {
+        conn.stale_watches = true;
+        self.release(conn);
+    }
+
+    /// How many replicas a vote waits for (`WAIT`).
+    pub(crate) fn replicas_to_wait(&self) -> usize {
+        self.durability.replicas_waited
+    }
+
+    /// Appends `WAIT <n> <replica_timeout ms>`.
+    pub(crate) fn wait_command(&self, buf: &mut Vec<u8>, n: usize) {
+        let timeout = self.options.replica_timeout.as_millis().max(1).to_string();
+        conn::command(
+            buf,
+            &[b"WAIT", n.to_string().as_bytes(), timeout.as_bytes()],
+        );
+    }
+
+    /// Checks `WAIT`'s reply: at least `wanted` replicas acknowledged.
+    pub(crate) fn check_wait(&self, phase: Phase, reply: &Value, wanted: usize) -> Result<()> {
+        match reply {
+            Value::Int(n) if usize::try_from(*n).is_ok_and(|n| n >= wanted) => Ok(()),
+            Value::Int(n) => Err(Error::NotReplicated {
+                server: self.server.clone(),
+                phase,
+                acked: usize::try_from(*n).unwrap_or(0),
+                wanted,
+                waited: self.options.replica_timeout,
+            }),
+            Value::ServerError(e) => Err(self.command_error(phase, "WAIT", e.clone().into())),
+            other => Err(self.unexpected(phase, "WAIT", other)),
+        }
+    }
+
     /// Returns a healthy connection to the pool (or closes it when full).
     pub(crate) fn release(&self, conn: Conn) {
         let mut idle = self.idle.lock();
@@ -410,93 +460,13 @@ impl StoreInner {
 
     pub(crate) fn load_functions(&self, phase: Phase) -> Result<()> {
         let mut buf = Vec::new();
-        conn::command(
-            &mut buf,
-            &[b"FUNCTION", b"LOAD", b"REPLACE", LIBRARY.as_bytes()],
-        );
+        wire::load_library(&mut buf);
         match self
             .call_idempotent(phase, "FUNCTION LOAD", &buf, 1)?
             .remove(0)
         {
             Value::ServerError(e) => Err(self.command_error(phase, "FUNCTION LOAD", e.into())),
             _ => Ok(()),
-        }
-    }
-
-    /// `<prefix>{<tag>}:<kind>:<name>`
-    pub(crate) fn tm_key(&self, tag: &[u8], kind: &str, name: &[u8]) -> Vec<u8> {
-        let mut k = Vec::with_capacity(self.prefix.len() + tag.len() + kind.len() + name.len() + 4);
-        k.extend_from_slice(&self.prefix);
-        k.push(b'{');
-        k.extend_from_slice(tag);
-        k.extend_from_slice(b"}:");
-        k.extend_from_slice(kind.as_bytes());
-        k.push(b':');
-        k.extend_from_slice(name);
-        k
-    }
-
-    /// The name part of `key` if it is exactly `<prefix>{<tag>}:<kind>:<name>`
-    /// (the tag, like a Redis hash tag, ends at the first `}`), else `None`.
-    /// A SCAN glob `<prefix>{*}:<kind>:*` also matches the locks of user
-    /// keys shaped like tm keys (`<prefix>{}:lock:x}:prepared:<txid>`), and
-    /// user keys such as `<prefix>{x}y}:prepared:<txid>`; this tells them
-    /// apart.
-    pub(crate) fn tm_key_name<'a>(&self, key: &'a [u8], kind: &str) -> Option<&'a [u8]> {
-        let rest = key
-            .strip_prefix(self.prefix.as_slice())?
-            .strip_prefix(b"{")?;
-        let close = rest.iter().position(|&b| b == b'}')?;
-        let rest = rest[close + 1..].strip_prefix(b":")?;
-        rest.strip_prefix(kind.as_bytes())?.strip_prefix(b":")
-    }
-
-    /// Finds the records of `txid` (key and field `k` of each): the untagged
-    /// name, and a SCAN over the tagged ones. Usually one; more when two
-    /// `Store`s opened separately on the same server and prefix took part in
-    /// the transaction with keys of different hash tags.
-    fn find_records(&self, txid: &TxId, phase: Phase) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-        let id = txid.to_string();
-        let mut found = Vec::new();
-        let plain = self.tm_key(b"", "prepared", id.as_bytes());
-        if let Some(blob) = self.record_keys(&plain, phase)? {
-            found.push((plain.clone(), blob));
-        }
-        let mut pattern = glob_escape(&self.prefix);
-        pattern.extend_from_slice(b"{*}:prepared:");
-        pattern.extend_from_slice(id.as_bytes());
-        for name in self.scan(&pattern, phase)? {
-            // The glob also matches locks of user keys shaped like a record
-            // (`x}:prepared:<txid>`) and such user keys themselves.
-            if name == plain || self.tm_key_name(&name, "prepared") != Some(id.as_bytes()) {
-                continue;
-            }
-            if let Some(blob) = self.record_keys(&name, phase)? {
-                found.push((name, blob));
-            }
-        }
-        Ok(found)
-    }
-
-    /// What is left of `txid` with no record (the receipt and tombstones
-    /// may be under any tag): `Ok` for a receipt, else why it is gone.
-    fn missing_record(&self, txid: &TxId, phase: Phase) -> Result<()> {
-        let id = txid.to_string();
-        let trace = |kind: &str| -> Result<bool> {
-            let mut pattern = glob_escape(&self.prefix);
-            pattern.extend_from_slice(format!("{{*}}:{kind}:{id}").as_bytes());
-            Ok(self
-                .scan(&pattern, phase)?
-                .iter()
-                .any(|name| self.tm_key_name(name, kind) == Some(id.as_bytes())))
-        };
-        if trace("applied")? {
-            debug!(server = %self.server, %txid, "no record, and a receipt (applied before)");
-            Ok(())
-        } else if trace("aborted")? {
-            Err(self.record_missing(txid, Missing::Aborted))
-        } else {
-            Err(self.record_missing(txid, Missing::Lost))
         }
     }
 
@@ -508,53 +478,6 @@ impl StoreInner {
         })
     }
 
-    fn record_keys(&self, record: &[u8], phase: Phase) -> Result<Option<Vec<u8>>> {
-        let mut buf = Vec::new();
-        conn::command(&mut buf, &[b"HGET", record, b"k"]);
-        match self.call_idempotent(phase, "HGET", &buf, 1)?.remove(0) {
-            Value::BulkString(b) => Ok(Some(b)),
-            Value::Nil => Ok(None),
-            Value::ServerError(e) => Err(self.command_error(phase, "HGET", e.into())),
-            other => Err(self.unexpected(phase, "HGET", &other)),
-        }
-    }
-
-    fn scan(&self, pattern: &[u8], phase: Phase) -> Result<Vec<Vec<u8>>> {
-        let mut found = Vec::new();
-        let mut seen = HashSet::new();
-        let mut cursor = b"0".to_vec();
-        loop {
-            let mut buf = Vec::new();
-            conn::command(
-                &mut buf,
-                &[b"SCAN", &cursor, b"MATCH", pattern, b"COUNT", b"1000"],
-            );
-            let reply = self.call_idempotent(phase, "SCAN", &buf, 1)?.remove(0);
-            let Value::Array(mut parts) = reply else {
-                return Err(self.unexpected(phase, "SCAN", &reply));
-            };
-            if parts.len() != 2 {
-                return Err(self.unexpected(phase, "SCAN", &Value::Array(parts)));
-            }
-            let keys = parts.pop();
-            let next = parts.pop();
-            if let Some(Value::Array(keys)) = keys {
-                for k in keys {
-                    if let Value::BulkString(k) = k {
-                        if seen.insert(k.clone()) {
-                            found.push(k);
-                        }
-                    }
-                }
-            }
-            match next {
-                Some(Value::BulkString(c)) if c == b"0" => return Ok(found),
-                Some(Value::BulkString(c)) => cursor = c,
-                other => return Err(self.unexpected(phase, "SCAN", &other.unwrap_or(Value::Nil))),
-            }
-        }
-    }
-
     pub(crate) fn unexpected(&self, phase: Phase, command: &str, reply: &Value) -> Error {
         Error::UnexpectedReply {
             server: self.server.clone(),
@@ -562,171 +485,5 @@ impl StoreInner {
             command: command.to_owned(),
             reply: format!("{reply:?}"),
         }
-    }
-
-    /// The layout of a prepared record's apply or abort.
-    fn record_layout(
-        &self,
-        txid: &TxId,
-        id: &str,
-        record: &[u8],
-        blob: &[u8],
-    ) -> Result<txn::Layout> {
-        let tag = self.record_tag(record, id).to_vec();
-        let (nread, keys) = txn::decode_keys(blob).ok_or_else(|| Error::UnexpectedReply {
-            server: self.server.clone(),
-            phase: Phase::Recover,
-            command: "HGET".to_owned(),
-            reply: "a prepared record with a malformed key list".to_owned(),
-        })?;
-        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-        Ok(txn::Layout::new(self, &tag, txid, &keys, nread, true))
-    }
-
-    /// The record key's tag: `<prefix>{<tag>}:prepared:<txid>`.
-    fn record_tag<'a>(&self, record: &'a [u8], txid: &str) -> &'a [u8] {
-        let start = self.prefix.len() + 1;
-        let end = record.len() - b"}:prepared:".len() - txid.len();
-        &record[start..end]
-    }
-}
-
-impl StoreInner {
-    fn in_doubt(&self) -> Result<Vec<InDoubt>> {
-        let phase = Phase::Recover;
-        let mut pattern = glob_escape(&self.prefix);
-        pattern.extend_from_slice(b"{*}:prepared:*");
-        let names = self.scan(&pattern, phase)?;
-        let mut records: Vec<(TxId, &[u8])> = names
-            .iter()
-            .filter_map(|n| {
-                let id = self.tm_key_name(n, "prepared")?;
-                let txid = std::str::from_utf8(id).ok()?.parse().ok()?;
-                Some((txid, n.as_slice()))
-            })
-            .collect();
-        records.sort();
-        let mut buf = Vec::new();
-        for (_, name) in &records {
-            conn::command(&mut buf, &[b"HMGET", name, b"k", b"l", b"t"]);
-        }
-        conn::command(&mut buf, &[b"TIME"]);
-        let mut replies = self.call_idempotent(phase, "HMGET", &buf, records.len() + 1)?;
-        let time = replies.pop().unwrap_or(Value::Nil);
-        let now = match &time {
-            Value::Array(t) if t.len() == 2 => int_of(&t[0])
-                .zip(int_of(&t[1]))
-                .map(|(secs, micros)| secs * 1_000_000 + micros),
-            Value::ServerError(e) => {
-                return Err(self.command_error(phase, "TIME", e.clone().into()))
-            }
-            _ => None,
-        };
-        let Some(now) = now else {
-            return Err(self.unexpected(phase, "TIME", &time));
-        };
-        let mut out: Vec<InDoubt> = Vec::with_capacity(records.len());
-        for ((txid, name), reply) in records.iter().zip(replies) {
-            let fields = match reply {
-                Value::Array(f) if f.len() == 3 => f,
-                Value::ServerError(e) => return Err(self.command_error(phase, "HMGET", e.into())),
-                other => return Err(self.unexpected(phase, "HMGET", &other)),
-            };
-            if fields[0] == Value::Nil {
-                continue; // finished since the SCAN
-            }
-            let log = match &fields[1] {
-                Value::BulkString(b) if b.is_empty() => None,
-                Value::BulkString(b) => {
-                    match std::str::from_utf8(b).ok().and_then(|s| s.parse().ok()) {
-                        Some(log) => Some(log),
-                        None => {
-                            warn!(server = %self.server, record = %String::from_utf8_lossy(name), "a prepared record names no readable log id; it is listed without an owner");
-                            None
-                        }
-                    }
-                }
-                _ => None, // prepared before records named their owner
-            };
-            let age = int_of(&fields[2])
-                .map(|at| Duration::from_micros(now.saturating_sub(at)))
-                .unwrap_or(Duration::ZERO);
-            // Two records of one transaction (two Stores on one server and
-            // prefix): listed once, as the older.
-            match out.last_mut() {
-                Some(last) if last.txid == *txid => last.age = last.age.max(age),
-                _ => out.push(InDoubt::new(*txid, log, age)),
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// A non-negative integer reply given as a string (TIME, a record's `t`).
-fn int_of(v: &Value) -> Option<u64> {
-    match v {
-        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        Value::Int(i) => u64::try_from(*i).ok(),
-        _ => None,
-    }
-}
-
-fn glob_escape(s: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(s.len());
-    for &b in s {
-        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
-            out.push(b'\\');
-        }
-        out.push(b);
-    }
-    out
-}
-
-impl Recoverable for Store {
-    /// `redis:<store id>`: the id kept on the server under
-    /// `<prefix>{}:store-id`, made by the first open (`SET NX`). Every URL
-    /// of one server, db and prefix gives the same id, and it survives
-    /// restarts (it is in the AOF).
-    fn resource_id(&self) -> String {
-        self.inner.resource_id.clone()
-    }
-
-    /// One SCAN of the records, then one request: `HMGET k l t` of each and
-    /// one `TIME`, so every age is measured by the server's own clock.
-    fn in_doubt(&self) -> tm_core::Result<Vec<InDoubt>> {
-        Ok(self.inner.in_doubt()?)
-    }
-
-    /// Applies every record of `txid`. With none: `Ok` only if a receipt
-    /// shows it was applied before; a tombstone is `RecordMissing`
-    /// (aborted), neither is `RecordMissing` (lost).
-    fn commit_prepared(&self, txid: &TxId) -> tm_core::Result<()> {
-        let records = self.inner.find_records(txid, Phase::Recover)?;
-        if records.is_empty() {
-            return Ok(self.inner.missing_record(txid, Phase::Recover)?);
-        }
-        let id = txid.to_string();
-        for (record, blob) in records {
-            let layout = self.inner.record_layout(txid, &id, &record, &blob)?;
-            txn::apply(&self.inner, &layout, txid, Phase::Recover)?;
-        }
-        Ok(())
-    }
-
-    fn abort_prepared(&self, txid: &TxId) -> tm_core::Result<()> {
-        let id = txid.to_string();
-        let records = self.inner.find_records(txid, Phase::Recover)?;
-        if records.is_empty() {
-            // No record: still leave a tombstone (under the empty tag, which
-            // every prepare also checks), so that a prepare of this
-            // transaction still on its way refuses.
-            let layout = txn::Layout::new(&self.inner, b"", txid, &[], 0, true);
-            txn::abort(&self.inner, &layout, &id, Phase::Recover)?;
-        }
-        for (record, blob) in records {
-            let layout = self.inner.record_layout(txid, &id, &record, &blob)?;
-            txn::abort(&self.inner, &layout, &id, Phase::Recover)?;
-        }
-        Ok(())
     }
 }

@@ -41,6 +41,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct TestServerBuilder {
     fsync_always: bool,
     maxmemory: Option<u64>,
+    replica_of: Option<u16>,
     extra: Vec<(String, String)>,
 }
 
@@ -54,6 +55,14 @@ impl TestServerBuilder {
     /// `maxmemory` in bytes, with `maxmemory-policy noeviction`.
     pub fn maxmemory(mut self, bytes: u64) -> Self {
         self.maxmemory = Some(bytes);
+        self
+    }
+
+    /// A replica of `primary` (`--replicaof`): [`start`](Self::start)
+    /// returns once its link to the primary is up and the first sync is
+    /// done.
+    pub fn replica_of(mut self, primary: &TestServer) -> Self {
+        self.replica_of = Some(primary.port);
         self
     }
 
@@ -78,7 +87,12 @@ impl TestServerBuilder {
         for _ in 0..5 {
             server.port = free_port();
             match server.spawn(true) {
-                Ok(()) => return server,
+                Ok(()) => {
+                    if server.settings.replica_of.is_some() {
+                        server.wait_for_primary();
+                    }
+                    return server;
+                }
                 Err(err) => last = err,
             }
         }
@@ -135,6 +149,50 @@ impl TestServer {
         client
             .get_connection_with_timeout(Duration::from_secs(5))
             .expect("connect to the test server")
+    }
+
+    /// Stops the process with SIGSTOP: it holds its connections and
+    /// answers nothing until [`resume`](Self::resume) (a hung server, or a
+    /// replica that falls behind).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Continues a [`pause`](Self::pause)d process (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, which: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .arg(which)
+                .arg(child.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill {which} failed");
+        }
+    }
+
+    /// Waits until a replica's link to its primary is up.
+    fn wait_for_primary(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut con = self.connection();
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query(&mut con)
+                .unwrap_or_default();
+            if info.contains("master_link_status:up") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica on port {} never linked to its primary: {info}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Kills the server with SIGKILL (no shutdown, no final fsync) and waits
@@ -203,6 +261,11 @@ impl TestServer {
                 .arg(bytes.to_string())
                 .arg("--maxmemory-policy")
                 .arg("noeviction");
+        }
+        if let Some(port) = self.settings.replica_of {
+            cmd.arg("--replicaof")
+                .arg("127.0.0.1")
+                .arg(port.to_string());
         }
         for (name, value) in &self.settings.extra {
             cmd.arg(format!("--{name}")).arg(value);

@@ -87,6 +87,7 @@ fn read_only_participant_holds_read_locks_until_finish() {
         keys,
         vec![
             format!("tm:{{}}:prepared:{}", txn.id()),
+            "tm:{}:records".to_owned(),
             "tm:{}:rlock:a".to_owned()
         ]
     );
@@ -470,12 +471,23 @@ fn durability_is_reported_and_can_be_required() {
     .unwrap();
     assert!(store.durability().is_durable());
 
-    let evicting = TestServer::builder()
+    for policy in ["allkeys-lru", "volatile-lru", "volatile-ttl"] {
+        let evicting = TestServer::builder()
+            .fsync_always(true)
+            .option("maxmemory", "100mb")
+            .option("maxmemory-policy", policy)
+            .start();
+        let store = Store::open(&evicting.url()).unwrap();
+        assert!(!store.durability().is_durable(), "{policy}");
+        assert!(store.durability().to_string().contains(policy), "{policy}");
+    }
+    // Without a memory limit, nothing is ever evicted, whatever the policy.
+    let unlimited = TestServer::builder()
         .fsync_always(true)
-        .option("maxmemory-policy", "allkeys-lru")
+        .option("maxmemory-policy", "volatile-lru")
         .start();
-    let store = Store::open(&evicting.url()).unwrap();
-    assert!(store.durability().to_string().contains("allkeys-lru"));
+    let store = Store::open(&unlimited.url()).unwrap();
+    assert!(store.durability().is_durable(), "{}", store.durability());
 }
 
 #[test]
@@ -503,17 +515,19 @@ fn prefix_and_tags_name_tm_keys() {
             "app:{u1}:lock:{u1}:a".to_owned(),
             "app:{u1}:lock:{u1}:b".to_owned(),
             format!("app:{{u1}}:prepared:{}", txn.id()),
+            "app:{}:records".to_owned(),
             "app:{}:store-id".to_owned(),
         ]
     );
     dm.tpc_finish(&txn).unwrap();
-    // Only the receipt is left, under the same tag (and the store id).
+    // Only the receipt is left, under the empty tag (where recovery finds
+    // it without the record), and the store id.
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("app:*").query(&mut con).unwrap();
     keys.sort();
     assert_eq!(
         keys,
         vec![
-            format!("app:{{u1}}:applied:{}", txn.id()),
+            format!("app:{{}}:applied:{}", txn.id()),
             "app:{}:store-id".to_owned()
         ]
     );

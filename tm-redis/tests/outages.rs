@@ -138,3 +138,45 @@ fn a_server_restarted_within_the_deadline_is_ridden_out() {
     read_and_write(&tm, &store).unwrap();
     assert_eq!(store.get::<i64>("n").unwrap(), Some(2));
 }
+
+/// The bug: a one-phase commit whose reply was lost (here: the server hung
+/// past the response timeout, then ran it) was an ordinary `Resource`
+/// failure, so an app would think nothing happened and retry. It is
+/// `Heuristic`, the server in doubt: and indeed the write landed.
+#[test]
+fn a_one_phase_commit_whose_reply_is_lost_is_heuristic() {
+    let server = TestServer::start();
+    let store = Store::open_with(
+        &server.url(),
+        Options::default().response_timeout(Duration::from_millis(300)),
+    )
+    .unwrap();
+    let tm = TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build();
+    let txn = tm.begin().unwrap();
+    store.join(&txn).unwrap().set("k", "v").unwrap();
+    server.pause();
+    let err = tm.commit().unwrap_err();
+    server.resume();
+    match &err {
+        TmError::Heuristic {
+            committed,
+            rolled_back,
+            in_doubt,
+        } => {
+            assert!(committed.is_empty() && rolled_back.is_empty(), "{err}");
+            assert_eq!(in_doubt, &[store.server().to_owned()]);
+        }
+        other => panic!("expected Heuristic, got {other:?}"),
+    }
+    assert!(!tm.is_retryable(&err));
+    tm.abort().ok();
+    // The call was sent: the resumed server ran it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.get::<String>("k").unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the write never landed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,16 +1,23 @@
-#!lua name=tm
+#!lua name=tm_v2
 
 -- tm: a durable PREPARE for Redis (see tm-redis/src/lib.rs, "Server-side
 -- functions"). Loaded with FUNCTION LOAD REPLACE when a Store opens.
 --
+-- Versioned: the library's name and its functions' names carry the
+-- version (tm_v2, tm_v2_prepare...), so two tm versions on one server each
+-- load and call their own. Any change here needs a new version (the
+-- client's unit tests hold this text to its version).
+--
 -- Every key a function touches is passed in KEYS. A transaction's keys come
 -- as triples (data key, write-lock key, read-lock key), the keys it only read
 -- first (`nread` of them), then the keys it writes. prepare/apply/abort put
--- four keys before the triples (base = REC): the record; the tombstone under
--- the transaction's tag, and the one under the empty tag (the same key when
--- the tag is empty), which is where recovery leaves it when it aborts a
--- transaction whose record (and so tag) it never saw; and the receipt that
--- apply leaves. The one-phase commit has no record (base = 0).
+-- four keys before the triples (base = REC): the record (under the tag
+-- the transaction's keys share); the tombstone that abort leaves and the
+-- receipt that apply leaves, both under the empty tag, so that recovery,
+-- which may never see the record (and so its tag), finds them by name;
+-- and the store's index of records (a set of record key names, so that
+-- recovery finds records without scanning the keyspace). The one-phase
+-- commit has no record (base = 0).
 --
 -- A missing record is never taken for success: apply tells a receipt
 -- (applied before), a tombstone (aborted) and neither (lost) apart.
@@ -32,10 +39,13 @@
 --   TXINVALID <op> <message>                     the staged commands cannot run
 --   TXLOCKTYPE <triple> <write|read> <type>      a lock key holds a value of
 --                                                another type (an outside
---                                                client wrote it)
+--                                                client wrote it); triple 0:
+--                                                the record index
 --   TXABORTED                                    the transaction was aborted
 --   TXPREPARED                                   a prepare arrived twice
 --                                                (or after the apply)
+--   TXLATE                                       a prepare arrived later than
+--                                                a tombstone lasts
 -- apply's replies when the record is gone: APPLIED, ABORTED, LOST (status).
 
 -- The KEYS of the running call (functions get them as an argument).
@@ -78,8 +88,8 @@ local function check_locks(base, nread, txid, extra)
     end
     if chunked('EXISTS', probe) == 0 then return nil end
     if extra then
-        if redis.call('EXISTS', extra[2], extra[3]) > 0 then return 'TXABORTED the transaction was aborted' end
-        if redis.call('EXISTS', extra[1], extra[4]) > 0 then return 'TXPREPARED the transaction is already prepared' end
+        if redis.call('EXISTS', extra[2]) > 0 then return 'TXABORTED the transaction was aborted' end
+        if redis.call('EXISTS', extra[1], extra[3]) > 0 then return 'TXPREPARED the transaction is already prepared' end
     end
     for j = 1, n do
         local wt = redis.call('TYPE', wlock_key(base, j))['ok']
@@ -172,6 +182,34 @@ local TYPE_OF = {
 }
 local REMOVES = { HDEL = true, SREM = true, ZREM = true }
 
+-- The one write-set decoder: iterates the writes of `ops` from index
+-- `first` (triples counted from `base`), each as { n = write number,
+-- name, keys = triple numbers, a = index of its first argument, nargs }. A
+-- malformed list raises a TXINVALID refusal (prepare and commit decode it
+-- whole, in validate, before their first write).
+local function writes(base, ops, first)
+    local i = first
+    local n = 0
+    return function()
+        if i > #ops then return nil end
+        n = n + 1
+        local nkeys = tonumber(ops[i + 1])
+        if not nkeys or nkeys < 0 then error({ err = 'TXINVALID 0 malformed write-set' }) end
+        local w = { n = n, name = ops[i], keys = {}, a = i + 3 + nkeys }
+        for k = 1, nkeys do
+            local j = tonumber(ops[i + 1 + k])
+            if not j or j < 1 or j > triples(base) then error({ err = 'TXINVALID 0 malformed write-set' }) end
+            w.keys[k] = j
+        end
+        w.nargs = tonumber(ops[w.a - 1])
+        if not w.nargs or w.nargs < 0 or w.a + w.nargs - 1 > #ops then
+            error({ err = 'TXINVALID 0 malformed write-set' })
+        end
+        i = w.a + w.nargs
+        return w
+    end
+end
+
 -- Simulates the write-set in order against the current data, before anything
 -- is written: types (WRONGTYPE) and INCRBY's integer range. Keys touched by a
 -- queued command become 'any' (not simulated). Returns an error text or nil.
@@ -187,17 +225,12 @@ local function validate(base, ops, first)
         end
         return t
     end
-    local i = first
-    local n = 0
-    while i <= #ops do
-        n = n + 1
-        local name = ops[i]
-        local nkeys = tonumber(ops[i + 1])
-        local j = tonumber(ops[i + 2])
-        local a = i + 3 + nkeys
-        local nargs = tonumber(ops[a - 1])
+    for w in writes(base, ops, first) do
+        local n, name, j, a = w.n, w.name, w.keys[1], w.a
         if name == '*' then
-            for k = i + 2, i + 1 + nkeys do types[tonumber(ops[k])] = 'any' end
+            for _, k in ipairs(w.keys) do types[k] = 'any' end
+        elseif not j then
+            return 'TXINVALID ' .. n .. ' a staged ' .. name .. ' names no key'
         elseif name == 'SET' then
             types[j] = 'string'
             values[j] = ops[a]
@@ -239,7 +272,6 @@ local function validate(base, ops, first)
                 if not (REMOVES[name] and t == 'none') then types[j] = want end
             end
         end
-        i = a + nargs
     end
     return nil
 end
@@ -260,17 +292,11 @@ local function run_ops(base, ops, first)
             mset = {}
         end
     end
-    local i = first
-    local n = 0
-    while i <= #ops do
-        n = n + 1
-        local name = ops[i]
-        local nkeys = tonumber(ops[i + 1])
-        local a = i + 3 + nkeys
-        local nargs = tonumber(ops[a - 1])
+    for w in writes(base, ops, first) do
+        local n, name, a, nargs = w.n, w.name, w.a, w.nargs
         if name == 'SET' and nargs == 1 and #mset < 1000 then
             if #mset == 0 then mset_first = n end
-            mset[#mset + 1] = data_key(base, tonumber(ops[i + 2]))
+            mset[#mset + 1] = data_key(base, w.keys[1])
             mset[#mset + 1] = ops[a]
         else
             flush()
@@ -278,13 +304,12 @@ local function run_ops(base, ops, first)
             if name == '*' then
                 res = redis.pcall(unpack(ops, a, a + nargs - 1))
             else
-                res = redis.pcall(name, data_key(base, tonumber(ops[i + 2])), unpack(ops, a, a + nargs - 1))
+                res = redis.pcall(name, data_key(base, w.keys[1]), unpack(ops, a, a + nargs - 1))
             end
             if type(res) == 'table' and res.err then
                 failures[#failures + 1] = n .. ' ' .. res.err
             end
         end
-        i = a + nargs
     end
     flush()
     return failures
@@ -293,6 +318,9 @@ end
 -- Releases this transaction's locks and deletes its record: only called
 -- while the record exists, so the write locks of its written keys are its own.
 local function release(nread, txid)
+    -- pcall: an outside client's value under the index must not stop a
+    -- release halfway (prepare refuses such an index before writing).
+    redis.pcall('SREM', K[4], K[1])
     local dels = { K[1] }
     for j = 1, triples(REC) do
         if j <= nread then
@@ -304,38 +332,52 @@ local function release(nread, txid)
     chunked('DEL', dels)
 end
 
--- prepare: KEYS = record, tombstone, untagged tombstone, receipt, triples; ARGV =
--- txid, nread, key list (client-built blob, kept for recovery), the
--- coordinator's log id (empty: none), write-set...
+-- prepare: KEYS = record, tombstone, receipt, record index, triples;
+-- ARGV = txid, nread, key list (client-built blob, kept for recovery), the
+-- coordinator's log id (empty: none), the client's clock when it sent the
+-- call (µs), the most it may be late (ms), write-set...
+-- A prepare later than that is refused (TXLATE): the tombstone of an abort
+-- lives that long, so a prepare that could outlive it never lands.
 -- The record also keeps the server's TIME (microseconds): recovery measures
 -- a record's age by the store's own clock, never a client's.
 local function prepare(keys, args)
     K = keys
     local txid = args[1]
     local nread = tonumber(args[2])
-    -- One EXISTS probes the tombstones, the record and every lock at once.
-    local refused = check_locks(REC, nread, txid, { keys[1], keys[2], keys[3], keys[4] })
-    if refused == nil then refused = validate(REC, args, 5) end
+    local now = redis.call('TIME')
+    local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    local sent, late = tonumber(args[5]), tonumber(args[6])
+    if not sent or not late or now_us - sent > late * 1000 then
+        return redis.error_reply('TXLATE the prepare arrived later than the tombstone of an abort would last')
+    end
+    -- One EXISTS probes the tombstone, the record, the receipt and every
+    -- lock at once.
+    local refused = check_locks(REC, nread, txid, { keys[1], keys[2], keys[3] })
+    if refused == nil then
+        local it = redis.call('TYPE', keys[4])['ok']
+        if it ~= 'none' and it ~= 'set' then refused = 'TXLOCKTYPE 0 write ' .. it end
+    end
+    if refused == nil then refused = validate(REC, args, 7) end
     if refused then return redis.error_reply(refused) end
-    local writes = {}
+    local wlocks = {}
     for j = 1, triples(REC) do
         if j <= nread then
             redis.call('SADD', rlock_key(REC, j), txid)
         else
-            writes[#writes + 1] = wlock_key(REC, j)
-            writes[#writes + 1] = txid
+            wlocks[#wlocks + 1] = wlock_key(REC, j)
+            wlocks[#wlocks + 1] = txid
         end
     end
-    chunked('MSET', writes)
+    chunked('MSET', wlocks)
     local ops = {}
-    for k = 5, #args do ops[#ops + 1] = args[k] end
-    local now = redis.call('TIME')
+    for k = 7, #args do ops[#ops + 1] = args[k] end
     local at = now[1] .. string.format('%06d', tonumber(now[2]))
     redis.call('HSET', keys[1], 'k', args[3], 'w', cmsgpack.pack(ops), 'l', args[4], 't', at)
+    redis.call('SADD', keys[4], keys[1])
     return 1
 end
 
--- apply: KEYS = record, tombstones, receipt, triples; ARGV = txid, nread,
+-- apply: KEYS = record, tombstone, receipt, record index, triples; ARGV = txid, nread,
 -- receipt TTL (ms). Replays the write-set, releases, and leaves the receipt.
 -- Without a record: APPLIED (the receipt: applied before), ABORTED (a
 -- tombstone) or LOST (neither).
@@ -343,17 +385,17 @@ local function apply(keys, args)
     K = keys
     local packed = redis.call('HGET', keys[1], 'w')
     if not packed then
-        if redis.call('EXISTS', keys[4]) > 0 then return redis.status_reply('APPLIED') end
-        if redis.call('EXISTS', keys[2], keys[3]) > 0 then return redis.status_reply('ABORTED') end
+        if redis.call('EXISTS', keys[3]) > 0 then return redis.status_reply('APPLIED') end
+        if redis.call('EXISTS', keys[2]) > 0 then return redis.status_reply('ABORTED') end
         return redis.status_reply('LOST')
     end
     local failures = run_ops(REC, cmsgpack.unpack(packed), 1)
     release(tonumber(args[2]), args[1])
-    redis.call('SET', keys[4], '1', 'PX', args[3])
+    redis.call('SET', keys[3], '1', 'PX', args[3])
     return failures
 end
 
--- abort: KEYS = record, tombstones, receipt, triples; ARGV = txid, nread,
+-- abort: KEYS = record, tombstone, receipt, record index, triples; ARGV = txid, nread,
 -- tombstone TTL (ms). Releases what a prepare took (if it ran) and leaves a
 -- tombstone so a prepare arriving late refuses.
 local function abort(keys, args)
@@ -375,7 +417,28 @@ local function commit(keys, args)
     return run_ops(0, args, 3)
 end
 
-redis.register_function('tm_prepare', prepare)
-redis.register_function{function_name = 'tm_apply', callback = apply, flags = {'allow-oom'}}
-redis.register_function{function_name = 'tm_abort', callback = abort, flags = {'allow-oom'}}
-redis.register_function('tm_commit', commit)
+-- release_orphan: KEYS = a lock key, then the two names the holder's
+-- record can have (under the lock's tag, and under the empty tag); ARGV =
+-- holder txid, write|read. A lock whose holder has no record can never be
+-- released by apply or abort (they release only while the record exists):
+-- it is an orphan (left by a prepare of a tm before version 2 that failed
+-- halfway, or by a record deleted behind tm's back). Removes the holder
+-- from the lock if, atomically, it still holds it and has no record.
+-- Returns 1 if it did.
+local function release_orphan(keys, args)
+    if redis.call('EXISTS', keys[2], keys[3]) > 0 then return 0 end
+    if args[2] == 'write' then
+        if redis.call('TYPE', keys[1])['ok'] ~= 'string' then return 0 end
+        if redis.call('GET', keys[1]) ~= args[1] then return 0 end
+        redis.call('DEL', keys[1])
+        return 1
+    end
+    if redis.call('TYPE', keys[1])['ok'] ~= 'set' then return 0 end
+    return redis.call('SREM', keys[1], args[1])
+end
+
+redis.register_function('tm_v2_prepare', prepare)
+redis.register_function{function_name = 'tm_v2_apply', callback = apply, flags = {'allow-oom'}}
+redis.register_function{function_name = 'tm_v2_abort', callback = abort, flags = {'allow-oom'}}
+redis.register_function('tm_v2_commit', commit)
+redis.register_function{function_name = 'tm_v2_release_orphan', callback = release_orphan, flags = {'allow-oom'}}
