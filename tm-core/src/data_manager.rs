@@ -137,6 +137,10 @@ pub trait DataManager: Send + Sync {
     ///
     /// A failure here, after the decision, leaves the resource in doubt: tm
     /// reports [`Error::Heuristic`] and never calls `tpc_abort` on it.
+    /// Two failures say more: [`Error::RecordMissing`] (the prepared state
+    /// is gone: rolled back), and [`Error::Heuristic`] from the resource
+    /// itself (it finished only in part: named both committed and rolled
+    /// back).
     fn tpc_finish(&self, txn: &Transaction) -> Result<()>;
 
     /// Undo everything since `tpc_begin` (including a prepare). Must be safe

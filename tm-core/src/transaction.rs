@@ -808,6 +808,9 @@ impl Transaction {
             if let Error::RecordMissing { .. } = err {
                 error!(resource = %name_of(&resources[i]), error = %err, "tpc_finish after the commit decision found the prepared record gone");
                 failed.push((i, Ending::RolledBack));
+            } else if let Error::Heuristic { .. } = err {
+                error!(resource = %name_of(&resources[i]), error = %err, "tpc_finish applied the resource's part only in part");
+                failed.push((i, Ending::Partial));
             } else {
                 error!(resource = %name_of(&resources[i]), error = %err, "tpc_finish failed after the commit decision; the resource stays in doubt until recovery commits it");
                 failed.push((i, Ending::InDoubt));
@@ -837,7 +840,10 @@ impl Transaction {
             let named = |want: Ending| -> Vec<String> {
                 order
                     .clone()
-                    .filter(|&i| ending(i) == want)
+                    .filter(|&i| {
+                        let e = ending(i);
+                        e == want || (e == Ending::Partial && want != Ending::InDoubt)
+                    })
                     .map(|i| name_of(&resources[i]))
                     .collect()
             };
@@ -1259,6 +1265,9 @@ enum Ending {
     Committed,
     RolledBack,
     InDoubt,
+    /// Committed in part (the resource said so with `Heuristic`): named
+    /// both committed and rolled back.
+    Partial,
 }
 
 /// Sorts by `sort_key`, stable (ties keep join order). A panicking

@@ -168,8 +168,11 @@ pub enum Error {
         /// The function called.
         function: String,
     },
-    /// A queued command (see `RedisHandle::queue`) failed while the write-set
-    /// was applied: the other writes were applied, this one was not.
+    /// A write failed while the write-set was applied (a queued command,
+    /// see `RedisHandle::queue`, or a write to a key an outside client
+    /// changed since the vote): the other writes were applied. Reported by
+    /// recovery's `commit_prepared`; a transaction's own finish or one-phase
+    /// commit reports it as [`tm_core::Error::Heuristic`] instead.
     #[error(
         "{server}: transaction {txid} applied in part at {phase}; failed writes: {failures:?}"
     )]
@@ -180,7 +183,7 @@ pub enum Error {
         phase: Phase,
         /// The transaction.
         txid: String,
-        /// `"<write number> <server error>"` for each failed write.
+        /// `"<write number> <key>: <server error>"` for each failed write.
         failures: Vec<String>,
     },
     /// A read of a key this transaction has written, where the result of the

@@ -23,7 +23,7 @@ impl StoreInner {
         let pattern = match txid {
             Some(id) => {
                 let mut p = b"*:prepared:".to_vec();
-                p.extend_from_slice(&wire::glob_escape(id.as_bytes()));
+                p.extend_from_slice(&crate::keys::glob_escape(id.as_bytes()));
                 p
             }
             None => b"*".to_vec(),

@@ -14,8 +14,9 @@ use tracing::{debug, warn};
 
 use crate::conn::{self, Conn};
 use crate::error::{Error, Result};
+use crate::keys::Keyspace;
 use crate::options::{Durability, Options};
-use crate::wire::{self, Keyspace};
+use crate::wire;
 
 /// A Redis server (one db) as a transactional resource.
 ///

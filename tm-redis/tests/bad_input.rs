@@ -318,18 +318,11 @@ fn queued_command_failing_at_apply_is_reported_as_partial() {
         r.queue(redis::cmd("INCR").arg("text"), &["text"]).unwrap();
     })
     .unwrap_err();
-    match &err {
-        TmError::Heuristic {
-            committed,
-            rolled_back,
-            in_doubt,
-        } => {
-            assert_eq!(committed, &[store.server().to_owned()]);
-            assert_eq!(rolled_back, &[store.server().to_owned()]);
-            assert!(in_doubt.is_empty());
-        }
-        other => panic!("expected Heuristic, got {other:?}"),
-    }
+    let server_name = [store.server().to_owned()];
+    assert_eq!(
+        support::heuristic(&err),
+        (&server_name[..], &server_name[..], &[][..])
+    );
     assert_eq!(
         store.get::<String>("applied").unwrap().as_deref(),
         Some("1")
@@ -340,7 +333,12 @@ fn queued_command_failing_at_apply_is_reported_as_partial() {
         r.queue(redis::cmd("INCR").arg("text"), &["text"]).unwrap();
     })
     .unwrap_err();
-    assert!(err.is_heuristic(), "{err}");
+    // Applied in part, not "in doubt" (the record is gone: recovery has
+    // nothing to finish).
+    let (committed, rolled_back, in_doubt) = support::heuristic(&err);
+    assert!(committed.contains(&server_name[0]), "{err}");
+    assert!(rolled_back.contains(&server_name[0]), "{err}");
+    assert!(in_doubt.is_empty(), "{err}");
     assert_eq!(
         store.get::<String>("applied2").unwrap().as_deref(),
         Some("1")
@@ -436,5 +434,54 @@ fn expiry_beyond_what_redis_takes_is_refused_when_staged_not_at_apply() {
             let ttl: i64 = redis::cmd("PTTL").arg(key).query(&mut con).unwrap();
             assert!(ttl > 0, "{key}: {ttl}");
         }
+    }
+}
+
+/// An outside client changes a locked key's type between the vote and the
+/// finish: the finish cannot apply that write. Never silent: the
+/// transaction's finish is `Heuristic`, and recovery's `commit_prepared`
+/// of such a record is `PartialApply` naming the write and the key.
+#[test]
+fn an_outside_write_between_vote_and_finish_is_never_a_silent_partial_apply() {
+    use tm_core::Recoverable;
+    let server = TestServer::start();
+    let store = Store::open(&server.url()).unwrap();
+    let tm = support::manager();
+    // Through the transaction's own finish.
+    let txn = tm.begin().unwrap();
+    let r = store.join(&txn).unwrap();
+    r.set("s", "1").unwrap();
+    r.hset("h", "f", "v").unwrap();
+    let dm = r.data_manager();
+    dm.tpc_begin(&txn).unwrap();
+    dm.tpc_vote(&txn).unwrap();
+    support::raw(&server, &["SET", "h", "outside"]);
+    let err = dm.tpc_finish(&txn).unwrap_err();
+    assert!(err.is_heuristic(), "{err}");
+    tm.abort().ok();
+    assert_eq!(store.get::<String>("s").unwrap().as_deref(), Some("1"));
+    assert_eq!(
+        store.get::<String>("h").unwrap().as_deref(),
+        Some("outside")
+    );
+
+    // Through recovery: the coordinator stalls after the vote (kept open,
+    // as if crashed), and recovery finishes the record.
+    let stalled = support::manager();
+    let txn = stalled.begin().unwrap();
+    let r = store.join(&txn).unwrap();
+    r.hset("h2", "f", "v").unwrap();
+    let dm = r.data_manager();
+    dm.tpc_begin(&txn).unwrap();
+    dm.tpc_vote(&txn).unwrap();
+    let id = txn.id();
+    support::raw(&server, &["SET", "h2", "outside"]);
+    let err = store.commit_prepared(&id).unwrap_err();
+    match support::redis_error(&err) {
+        Error::PartialApply { failures, .. } => {
+            assert_eq!(failures.len(), 1, "{failures:?}");
+            assert!(failures[0].starts_with("1 h2: WRONGTYPE"), "{failures:?}");
+        }
+        other => panic!("expected PartialApply, got {other}"),
     }
 }

@@ -29,6 +29,11 @@ fn odd_keys(txid: &TxId) -> Vec<String> {
         "tm:}",
         "tm:{}",
         "tm:x}:lock:y",
+        "x}:records",
+        "x}:store-id",
+        "tm:x}:records",
+        "{}:records",
+        ":records",
     ]
     .iter()
     .map(|k| k.to_string())
@@ -125,6 +130,20 @@ fn user_keys_shaped_like_tm_keys_commit_and_never_misfire_in_recovery() {
         let k = format!("tm:{{x}}:{kind}:{ghost}");
         assert!(
             matches!(r.set(&k, "1"), Err(tm_redis::Error::InvalidArgument(_))),
+            "{k}"
+        );
+    }
+    // And the store's own keys: its id and the index of records.
+    for k in ["tm:{}:store-id", "tm:{}:records"] {
+        assert!(
+            matches!(r.set(k, "1"), Err(tm_redis::Error::InvalidArgument(_))),
+            "{k}"
+        );
+        assert!(
+            matches!(
+                r.queue(redis::cmd("DEL").arg(k), &[k]),
+                Err(tm_redis::Error::InvalidArgument(_))
+            ),
             "{k}"
         );
     }

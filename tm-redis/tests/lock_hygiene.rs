@@ -11,14 +11,7 @@ use tm_core::{Error as TmError, TransactionManager};
 use tm_redis::{testing::TestServer, Error, Options, Store};
 
 mod support;
-use support::raw;
-
-fn manager() -> TransactionManager {
-    TransactionManager::builder()
-        .explicit(true)
-        .independent(true)
-        .build()
-}
+use support::{manager, raw, redis_error};
 
 fn write_k(tm: &TransactionManager, store: &Store, two_phase: bool) -> Result<(), TmError> {
     let txn = tm.begin()?;
@@ -123,13 +116,6 @@ fn a_live_write_lock_is_never_taken_for_an_orphan() {
     }
     hdm.tpc_finish(&holder).unwrap();
     assert_eq!(store.get::<String>("k").unwrap().as_deref(), Some("theirs"));
-}
-
-fn redis_error(err: &TmError) -> &Error {
-    match err {
-        TmError::Resource { source, .. } => source.downcast_ref::<Error>().expect("tm-redis"),
-        other => panic!("not a resource error: {other:?}"),
-    }
 }
 
 /// An outside client's value under the record index: refused before the

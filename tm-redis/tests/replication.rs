@@ -4,17 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use tm_core::{Error as TmError, TransactionManager};
 use tm_redis::{testing::TestServer, Error, Options, Store};
 
 mod support;
-
-fn manager() -> TransactionManager {
-    TransactionManager::builder()
-        .explicit(true)
-        .independent(true)
-        .build()
-}
+use support::manager;
 
 fn records_on(server: &TestServer) -> Vec<String> {
     redis::cmd("KEYS")
@@ -106,10 +99,7 @@ fn a_vote_the_replica_does_not_acknowledge_is_not_a_yes() {
     let err = dm.tpc_vote(&txn).unwrap_err();
     let waited = started.elapsed();
     replica.resume();
-    let redis_err = match &err {
-        TmError::Resource { source, .. } => source.downcast_ref::<Error>().unwrap(),
-        other => panic!("expected a resource error, got {other:?}"),
-    };
+    let redis_err = support::redis_error(&err);
     assert!(
         matches!(
             redis_err,

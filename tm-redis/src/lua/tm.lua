@@ -276,9 +276,10 @@ local function validate(base, ops, first)
     return nil
 end
 
--- Runs the write-set; a failing command (only a queued one can fail after
--- validation) does not stop the others. Returns the failures. Runs of plain
--- SETs go out as one MSET (same effect, one call instead of many).
+-- Runs the write-set; a failing command (a queued one, or any one whose key
+-- an outside client changed since the vote) does not stop the others.
+-- Returns the failures, each '<write> <key>: <error>'. Runs of plain SETs
+-- go out as one MSET (same effect, one call instead of many).
 local function run_ops(base, ops, first)
     local failures = {}
     local mset = {}
@@ -287,7 +288,7 @@ local function run_ops(base, ops, first)
         if #mset > 0 then
             local res = redis.pcall('MSET', unpack(mset))
             if type(res) == 'table' and res.err then
-                failures[#failures + 1] = mset_first .. ' ' .. res.err
+                failures[#failures + 1] = mset_first .. ' ' .. mset[1] .. ': ' .. res.err
             end
             mset = {}
         end
@@ -307,7 +308,8 @@ local function run_ops(base, ops, first)
                 res = redis.pcall(name, data_key(base, w.keys[1]), unpack(ops, a, a + nargs - 1))
             end
             if type(res) == 'table' and res.err then
-                failures[#failures + 1] = n .. ' ' .. res.err
+                local key = w.keys[1] and data_key(base, w.keys[1]) or ''
+                failures[#failures + 1] = n .. ' ' .. key .. ': ' .. res.err
             end
         end
     end

@@ -59,3 +59,35 @@ pub fn tm_keys(server: &tm_redis::testing::TestServer) -> Vec<String> {
         })
         .collect()
 }
+
+/// An explicit, independent manager (tests interleave several on one
+/// thread).
+pub fn manager() -> TransactionManager {
+    TransactionManager::builder()
+        .explicit(true)
+        .independent(true)
+        .build()
+}
+
+/// The lists of a `Heuristic` error: committed, rolled back, in doubt.
+/// Panics on any other error.
+pub fn heuristic(err: &tm_core::Error) -> (&[String], &[String], &[String]) {
+    match err {
+        tm_core::Error::Heuristic {
+            committed,
+            rolled_back,
+            in_doubt,
+        } => (committed, rolled_back, in_doubt),
+        other => panic!("expected Heuristic, got {other:?}"),
+    }
+}
+
+/// The tm-redis error inside a `Resource` error. Panics on any other.
+pub fn redis_error(err: &tm_core::Error) -> &tm_redis::Error {
+    match err {
+        tm_core::Error::Resource { source, .. } => source
+            .downcast_ref::<tm_redis::Error>()
+            .expect("a tm-redis error"),
+        other => panic!("not a resource error: {other:?}"),
+    }
+}
