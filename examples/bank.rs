@@ -714,14 +714,22 @@ fn run(args: Args) -> Result<Outcome, BoxError> {
                     {
                         // Decided, but not finished everywhere: the service
                         // finishes it; the snapshot at the end waits for it.
+                        // Within one store it was a one-phase commit whose
+                        // reply was lost: whole or not at all, nothing to
+                        // finish.
                         counters.in_doubt.fetch_add(1, Ordering::Relaxed);
                         service.nudge();
+                        let what = if from % 2 == to % 2 {
+                            "has an unknown outcome (its one-phase commit's reply was lost; it happened whole or not at all)"
+                        } else {
+                            "is in doubt (background recovery will finish it)"
+                        };
                         say(
                             &bar,
                             format!(
-                            "transfer {amount} from {from} to {to} is in doubt (background recovery will finish it): {}",
-                            chain(&*err)
-                        ),
+                                "transfer {amount} from {from} to {to} {what}: {}",
+                                chain(&*err)
+                            ),
                         );
                     }
                     // Every attempt spent on retryable failures.

@@ -58,6 +58,10 @@ fn an_acknowledged_vote_is_on_the_replica() {
     for i in 0..50 {
         let txn = tm.begin().unwrap();
         let r = store.join(&txn).unwrap();
+        if i % 2 == 0 {
+            // A read: the vote goes inside WATCH/MULTI/EXEC, WAIT after it.
+            assert_eq!(r.get::<i64>(format!("k{i}")).unwrap(), None);
+        }
         r.set(format!("k{i}"), i).unwrap();
         let dm = r.data_manager();
         dm.tpc_begin(&txn).unwrap();
