@@ -130,7 +130,7 @@ pub enum Error {
     /// [`Options::tombstone_ttl`](crate::Options::tombstone_ttl) after it
     /// was sent (by the client's clock against the server's): an abort's
     /// tombstone may be gone, so it is refused; nothing was written.
-    #[error("{server}: the prepare of {txid} arrived more than {limit:?} after it was sent (or the client's clock is ahead of the server's); refused")]
+    #[error("{server}: the prepare of {txid} arrived more than {limit:?} after it was sent (or the client's clock is that far behind the server's); refused")]
     PrepareTooLate {
         /// The server.
         server: String,

@@ -152,7 +152,8 @@ impl RedisTxn {
         let watched = match std::mem::replace(&mut st.watch, Watch::Unwatched) {
             Watch::Watching(conn) => Some(conn),
             Watch::Unwatched => None,
-            Watch::Lost => unreachable!("the vote refuses lost watches before sending"),
+            // `call_write_set` refuses lost watches before sending.
+            Watch::Lost => return Err(Unsent::NotSent(self.lost_watches(phase))),
         };
         let mut buf = Vec::with_capacity(packed_fcall.len() + 64);
         let watching = watched.is_some();
