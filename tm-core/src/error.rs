@@ -187,6 +187,10 @@ pub enum Missing {
     /// Neither a receipt of its commit nor a tombstone: lost, e.g. by a
     /// failover to a replica that lacked it or a restore of older data.
     Lost,
+    /// Committed: a receipt of its commit is left. Seen by an abort
+    /// ([`Recoverable::abort_prepared`](crate::Recoverable::abort_prepared)):
+    /// the transaction cannot be aborted any more.
+    Committed,
 }
 
 impl std::fmt::Display for Missing {
@@ -195,6 +199,9 @@ impl std::fmt::Display for Missing {
             Missing::Aborted => "it was aborted (a tombstone is left)",
             Missing::Lost => {
                 "lost: neither a receipt of its commit nor a tombstone (a failover, or a restore of older data?)"
+            }
+            Missing::Committed => {
+                "it was committed (a receipt of its commit is left), so it cannot be aborted"
             }
         })
     }

@@ -157,14 +157,15 @@ impl<V> StoreState<V> {
     }
 
     /// Drops a prepared transaction, releases its locks and leaves a
-    /// tombstone (idempotent).
-    fn abort_prepared(&mut self, txid: &TxId) {
+    /// tombstone (idempotent); refuses one that was committed (a receipt).
+    fn abort_prepared(&mut self, txid: &TxId) -> std::result::Result<(), Missing> {
         if let Some(prepared) = self.prepared.remove(txid) {
             self.release(txid, &prepared);
+        } else if self.receipts.set.contains(txid) {
+            return Err(Missing::Committed);
         }
-        if !self.receipts.set.contains(txid) {
-            self.tombstones.insert(*txid);
-        }
+        self.tombstones.insert(*txid);
+        Ok(())
     }
 
     fn release(&mut self, txid: &TxId, prepared: &Prepared<V>) {
@@ -314,8 +315,15 @@ impl<V: Clone + Send + Sync + 'static> Recoverable for MemoryStore<V> {
     }
 
     fn abort_prepared(&self, txid: &TxId) -> Result<()> {
-        self.inner.state.lock().abort_prepared(txid);
-        Ok(())
+        self.inner
+            .state
+            .lock()
+            .abort_prepared(txid)
+            .map_err(|missing| Error::RecordMissing {
+                resource: self.inner.name.clone(),
+                txid: *txid,
+                missing,
+            })
     }
 }
 
@@ -569,9 +577,13 @@ impl<V: Clone + Send + Sync + 'static> DataManager for MemoryTxn<V> {
     fn tpc_abort(&self, _txn: &Transaction) -> Result<()> {
         self.end();
         let mut st = self.store.state.lock();
-        st.abort_prepared(&self.txid);
+        let aborted = st.abort_prepared(&self.txid);
         self.forget_open(&mut st);
-        Ok(())
+        aborted.map_err(|missing| Error::RecordMissing {
+            resource: self.name().to_owned(),
+            txid: self.txid,
+            missing,
+        })
     }
 
     fn commit_one_phase(&self, _txn: &Transaction) -> Result<()> {

@@ -24,7 +24,11 @@ pub trait Recoverable: Send + Sync {
     /// [`Error::RecordMissing`] (aborted, or lost), never `Ok`.
     fn commit_prepared(&self, txid: &TxId) -> Result<()>;
     /// Aborts a prepared transaction and leaves a tombstone, so that a late
-    /// prepare of it is refused. Idempotent: `Ok` if already gone.
+    /// prepare of it is refused. Idempotent: `Ok` if already aborted, or
+    /// gone without a trace. A transaction this resource already committed
+    /// (a receipt of its commit) is [`Error::RecordMissing`] with
+    /// [`Missing::Committed`](crate::Missing::Committed), never `Ok`: an
+    /// abort reported for it would be false.
     fn abort_prepared(&self, txid: &TxId) -> Result<()>;
 }
 

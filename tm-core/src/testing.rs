@@ -88,6 +88,10 @@ pub enum Fault {
     Conflict,
     /// Panics.
     Panic,
+    /// Returns [`Error::Heuristic`] naming itself both committed and
+    /// rolled back: it did its part only in part (as at `tpc_finish` a
+    /// store whose write-set applied with failures).
+    Partial,
 }
 
 #[derive(Clone, Copy)]
@@ -121,6 +125,15 @@ impl fmt::Debug for TestDataManager {
 }
 
 impl TestDataManager {
+    /// The error of [`Fault::Partial`].
+    fn partial(&self) -> Error {
+        Error::Heuristic {
+            committed: vec![self.name.clone()],
+            rolled_back: vec![self.name.clone()],
+            in_doubt: Vec::new(),
+        }
+    }
+
     /// A data manager named `name` (also its sort key) recording into `log`.
     pub fn new(name: &str, log: &CallLog) -> Arc<Self> {
         Arc::new(TestDataManager {
@@ -244,6 +257,7 @@ impl TestDataManager {
                 "injected conflict",
             )),
             Some(Fault::Panic) => panic!("{}: injected panic at {phase}", self.name),
+            Some(Fault::Partial) => Err(self.partial()),
         }
     }
 }
@@ -319,7 +333,7 @@ impl ResourceSavepoint for TestSavepoint {
                 "injected conflict",
             )),
             Some(Fault::Panic) => panic!("{}: injected panic at rollback", self.name),
-            Some(Fault::Error) => Err(Error::resource(
+            Some(Fault::Error | Fault::Partial) => Err(Error::resource(
                 self.name.clone(),
                 "injected failure at rollback",
             )),

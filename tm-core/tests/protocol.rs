@@ -933,3 +933,24 @@ fn successful_commit_with_a_file_log_leaves_nothing_pending() {
     assert!(tm_core::DecisionLog::pending(&reopened).unwrap().is_empty());
     assert_eq!((x.committed("k"), y.committed("k")), (Some(2), Some(2)));
 }
+
+/// A resource that finished only in part says so with `Heuristic`: tm names
+/// it committed and rolled back, never in doubt (recovery has nothing left
+/// to finish there). It was reported in doubt before.
+#[test]
+fn a_finish_done_in_part_is_named_committed_and_rolled_back() {
+    let (_log, tm, _txn, result) = commit_abc_with_b_failing(TpcFinish, Fault::Partial);
+    match result.unwrap_err() {
+        Error::Heuristic {
+            committed,
+            rolled_back,
+            in_doubt,
+        } => {
+            assert_eq!(committed, ["a", "b", "c"]);
+            assert_eq!(rolled_back, ["b"]);
+            assert!(in_doubt.is_empty(), "{in_doubt:?}");
+        }
+        other => panic!("expected Heuristic, got {other:?}"),
+    }
+    tm.abort().ok();
+}

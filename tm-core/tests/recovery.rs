@@ -484,3 +484,27 @@ fn the_recovery_service_at_1ms_without_grace_never_breaks_concurrent_transfers()
     assert_eq!(s.x.prepared_count() + s.y.prepared_count(), 0);
     assert!(s.log.pending().unwrap().is_empty());
 }
+
+/// The bug: aborting a transaction a resource had already committed (its
+/// receipt) answered `Ok`, so an operator's abort or a report said
+/// "aborted" for a committed part.
+#[test]
+fn aborting_what_a_resource_already_committed_is_never_ok() {
+    let s = setup();
+    let tm = manager(s.log.clone());
+    // x commits (a receipt), y stays prepared.
+    let t = leave_y_in_doubt(&s, &tm, 7);
+    match s.x.abort_prepared(&t) {
+        Err(Error::RecordMissing {
+            missing: tm_core::Missing::Committed,
+            txid,
+            ..
+        }) => assert_eq!(txid, t),
+        other => panic!("expected RecordMissing(Committed), got {other:?}"),
+    }
+    assert_eq!(s.x.committed("k"), Some(7), "the commit stays");
+    // A prepared one still aborts, and aborting it again is still `Ok`.
+    s.y.abort_prepared(&t).unwrap();
+    s.y.abort_prepared(&t).unwrap();
+    assert_eq!(s.y.committed("k"), None);
+}

@@ -65,22 +65,23 @@ impl Keyspace {
         rest.strip_prefix(kind.as_bytes())?.strip_prefix(b":")
     }
 
-    /// What follows `<prefix>{<tag>}` in `key`, if it starts so.
-    fn after_tag<'a>(&self, key: &'a [u8]) -> Option<&'a [u8]> {
+    /// `(tag, rest)` of a key `<prefix>{<tag>}<rest>`, if it starts so.
+    fn split_tag<'a>(&self, key: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
         let rest = key
             .strip_prefix(self.prefix.as_slice())?
             .strip_prefix(b"{")?;
         let close = rest.iter().position(|&b| b == b'}')?;
-        Some(&rest[close + 1..])
+        Some((&rest[..close], &rest[close + 1..]))
+    }
+
+    /// What follows `<prefix>{<tag>}` in `key`, if it starts so.
+    fn after_tag<'a>(&self, key: &'a [u8]) -> Option<&'a [u8]> {
+        self.split_tag(key).map(|(_, rest)| rest)
     }
 
     /// The tag of a key `<prefix>{<tag>}...`.
     pub(crate) fn tag_of<'a>(&self, key: &'a [u8]) -> Option<&'a [u8]> {
-        let rest = key
-            .strip_prefix(self.prefix.as_slice())?
-            .strip_prefix(b"{")?;
-        let close = rest.iter().position(|&b| b == b'}')?;
-        Some(&rest[..close])
+        self.split_tag(key).map(|(tag, _)| tag)
     }
 
     /// Whether `key` is one tm itself stores (any kind), so that a user

@@ -220,7 +220,7 @@ impl RedisTxn {
     fn do_abort(&self, st: &mut TxnState, phase: Phase) -> Result<()> {
         let result = match (st.stage, &st.layout) {
             (Stage::Prepared | Stage::VoteUnknown, Some(layout)) => {
-                wire::abort(&self.store, layout, &self.id, phase).map(|_| ())
+                wire::abort(&self.store, layout, &self.txid, phase)
             }
             _ => Ok(()),
         };

@@ -296,17 +296,16 @@ impl Recoverable for Store {
     }
 
     fn abort_prepared(&self, txid: &TxId) -> tm_core::Result<()> {
-        let id = txid.to_string();
         let records = self.inner.find_records(txid, Phase::Recover)?;
         if records.is_empty() {
             // No record: still leave a tombstone, so that a prepare of this
             // transaction still on its way refuses.
             let layout = Layout::new(&self.inner.keys, b"", txid, &[], 0, true);
-            wire::abort(&self.inner, &layout, &id, Phase::Recover)?;
+            wire::abort(&self.inner, &layout, txid, Phase::Recover)?;
         }
         for (record, blob) in records {
             let layout = self.inner.record_layout(txid, &record, &blob)?;
-            wire::abort(&self.inner, &layout, &id, Phase::Recover)?;
+            wire::abort(&self.inner, &layout, txid, Phase::Recover)?;
         }
         Ok(())
     }

@@ -133,20 +133,21 @@ impl RedisTxn {
         }
     }
 
-    /// Sends a vote-like call (prepare or commit): inside MULTI/EXEC on the
-    /// watching connection when the transaction read anything, alone
-    /// otherwise; with `WAIT` for the replicas pipelined after it when
-    /// `wait` is set. `Ok(reply)` is the function's reply; a changed
+    /// Sends a vote-like call (prepare or commit), `request` as
+    /// [`call_write_set`](Self::call_write_set) built it: inside MULTI/EXEC
+    /// on the watching connection when the transaction read anything, alone
+    /// otherwise; then `WAIT` when `waiting` replicas are waited for.
+    /// `Ok(reply)` is the function's reply; a changed
     /// watched key is a conflict. Alone, a missing function ran nothing and
     /// used up no WATCH: the library is loaded again and the call resent
     /// once.
     fn send_checked(
         &self,
         st: &mut TxnState,
-        packed_fcall: &[u8],
+        request: &[u8],
         function: Function,
         phase: Phase,
-        wait: bool,
+        waiting: usize,
     ) -> Sent {
         let name = function.name();
         let watched = match std::mem::replace(&mut st.watch, Watch::Unwatched) {
@@ -155,17 +156,9 @@ impl RedisTxn {
             // `call_write_set` refuses lost watches before sending.
             Watch::Lost => return Err(Unsent::NotSent(self.lost_watches(phase))),
         };
-        let mut buf = Vec::with_capacity(packed_fcall.len() + 64);
         let watching = watched.is_some();
-        if watching {
-            conn::command(&mut buf, &[b"MULTI"]);
-            buf.extend_from_slice(packed_fcall);
-            conn::command(&mut buf, &[b"EXEC"]);
-        } else {
-            buf.extend_from_slice(packed_fcall);
-        }
         let count = if watching { 3 } else { 1 };
-        let mut replies = self.send_once(watched, &buf, count, wait, name, phase)?;
+        let mut replies = self.send_once(watched, request, count, waiting, name, phase)?;
         let reply = if watching {
             let mut it = replies.drain(..);
             let _multi = it.next();
@@ -198,7 +191,7 @@ impl RedisTxn {
             match reply {
                 Value::ServerError(e) if wire::is_function_missing(&e) => {
                     self.store.load_functions(phase).map_err(Unsent::NotSent)?;
-                    let mut again = self.send_once(None, &buf, 1, wait, name, phase)?;
+                    let mut again = self.send_once(None, request, 1, waiting, name, phase)?;
                     again.pop().unwrap_or(Value::Nil)
                 }
                 other => other,
@@ -207,16 +200,16 @@ impl RedisTxn {
         Ok(reply)
     }
 
-    /// One request (`count` commands, then `WAIT` if `wait`) on `conn` (or
-    /// a pooled connection), which then goes back to the pool. A `WAIT`
-    /// that falls short of the replicas the store waits for is
+    /// One request (`count` commands, then `WAIT` when `waiting` replicas
+    /// are waited for) on `conn` (or a pooled connection), which then goes
+    /// back to the pool. A `WAIT` that falls short is
     /// [`Error::NotReplicated`], as an outcome not known.
     fn send_once(
         &self,
         conn: Option<Conn>,
-        buf: &[u8],
+        request: &[u8],
         count: usize,
-        wait: bool,
+        waiting: usize,
         function: &str,
         phase: Phase,
     ) -> std::result::Result<Vec<Value>, Unsent> {
@@ -224,20 +217,8 @@ impl RedisTxn {
             Some(c) => c,
             None => self.store.connection(phase).map_err(Unsent::NotSent)?,
         };
-        let waiting = if wait {
-            self.store.replicas_to_wait()
-        } else {
-            0
-        };
-        let mut owned;
-        let (packed, total) = if waiting > 0 {
-            owned = buf.to_vec();
-            self.store.wait_command(&mut owned, waiting);
-            (owned.as_slice(), count + 1)
-        } else {
-            (buf, count)
-        };
-        let mut replies = match conn.request(packed, total) {
+        let total = count + usize::from(waiting > 0);
+        let mut replies = match conn.request(request, total) {
             Ok(r) => r,
             // Sent, but the outcome is unknown.
             Err(source) => {
@@ -288,7 +269,18 @@ impl RedisTxn {
         };
         let nread = layout.nread.to_string();
         let blob = prepare.then(|| wire::encode_keys(layout.nread, layout.data()));
+        // The whole request in one buffer: `MULTI` first when the
+        // transaction watches, then the call, `EXEC`, and `WAIT`.
+        let watching = matches!(st.watch, Watch::Watching(_));
+        let waiting = if prepare {
+            self.store.replicas_to_wait()
+        } else {
+            0
+        };
         let mut buf = Vec::new();
+        if watching {
+            conn::command(&mut buf, &[b"MULTI"]);
+        }
         wire::fcall_head(
             &mut buf,
             function,
@@ -312,7 +304,13 @@ impl RedisTxn {
             conn::arg(&mut buf, late.to_string().as_bytes());
         }
         st.ws.encode(&plan, |a| conn::arg(&mut buf, a));
-        let reply = self.send_checked(st, &buf, function, phase, prepare);
+        if watching {
+            conn::command(&mut buf, &[b"EXEC"]);
+        }
+        if waiting > 0 {
+            self.store.wait_command(&mut buf, waiting);
+        }
+        let reply = self.send_checked(st, &buf, function, phase, waiting);
         Ok(Some((layout, reply)))
     }
 

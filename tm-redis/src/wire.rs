@@ -445,18 +445,27 @@ pub(crate) fn apply(store: &StoreInner, layout: &Layout, txid: &TxId, phase: Pha
 }
 
 /// Aborts on the server: `FCALL abort` (releases a prepare if there is
-/// one, leaves a tombstone). Idempotent. `true` if there was a prepare.
-pub(crate) fn abort(store: &StoreInner, layout: &Layout, txid: &str, phase: Phase) -> Result<bool> {
+/// one, leaves a tombstone). Idempotent. A transaction already applied (a
+/// receipt, no record) is [`tm_core::Error::RecordMissing`] with
+/// [`Missing::Committed`], never `Ok`.
+pub(crate) fn abort(store: &StoreInner, layout: &Layout, txid: &TxId, phase: Phase) -> Result<()> {
+    let id = txid.to_string();
     let nread = layout.nread.to_string();
     let ttl = ttl_ms(store.options.tombstone_ttl);
     let reply = call_idempotent_function(
         store,
         Function::Abort,
         layout,
-        &[txid.as_bytes(), nread.as_bytes(), ttl.as_bytes()],
+        &[id.as_bytes(), nread.as_bytes(), ttl.as_bytes()],
         phase,
     )?;
-    Ok(reply == Value::Int(1))
+    match reply {
+        Value::Int(0 | 1) => Ok(()),
+        Value::SimpleString(s) if s == "APPLIED" => {
+            Err(store.record_missing(txid, Missing::Committed))
+        }
+        other => Err(store.unexpected(phase, Function::Abort.name(), &other)),
+    }
 }
 
 #[cfg(test)]
@@ -506,7 +515,7 @@ mod tests {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
-        let known: &[(u32, u64)] = &[(2, 0x2ef3_ce3a_ca26_11a4)];
+        let known: &[(u32, u64)] = &[(2, 0x6e41_7780_2f8b_5f36)];
         let want = known.iter().find(|(v, _)| *v == LIBRARY_VERSION);
         assert_eq!(
             want.map(|(_, h)| *h),

@@ -10,14 +10,7 @@ use tm_redis::{Error, Options, Store};
 
 mod support;
 
-fn redis_error(err: &TmError) -> &Error {
-    match err {
-        TmError::Resource { source, .. } => {
-            source.downcast_ref::<Error>().expect("a tm-redis error")
-        }
-        other => panic!("not a resource error: {other:?}"),
-    }
-}
+use support::redis_error;
 
 /// Commits `stage` on `store`, one-phase or (with a second resource)
 /// two-phase; aborts on failure.

@@ -9,14 +9,7 @@ use tm_redis::{Error, Options, Store};
 mod support;
 use support::raw;
 
-fn redis_error(err: &TmError) -> &Error {
-    match err {
-        TmError::Resource { source, .. } => {
-            source.downcast_ref::<Error>().expect("a tm-redis error")
-        }
-        other => panic!("not a resource error: {other:?}"),
-    }
-}
+use support::redis_error;
 
 /// Reads and writes `n` in a transaction of `tm`; on failure, answers
 /// whether tm would retry it (asked before the abort, while the

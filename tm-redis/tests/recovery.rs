@@ -383,3 +383,28 @@ fn recovery_reports_a_decided_transaction_already_finished_by_its_receipt_or_los
     let pending: Vec<_> = log.pending().unwrap().iter().map(|d| d.txid).collect();
     assert_eq!(pending, vec![lost.id()], "the lost one's decision is kept");
 }
+
+/// The bug: aborting a transaction that was already applied (a receipt,
+/// no record) answered `Ok` and left a tombstone beside the receipt, so a
+/// report said "aborted" of a committed transaction.
+#[test]
+fn aborting_an_applied_transaction_is_never_ok() {
+    let server = TestServer::start();
+    let store = store_of(&server);
+    let (_dir, log) = decision_log();
+    let tm = manager(&log);
+    let (txn, dm) = prepare(&tm, &store, "a");
+    dm.tpc_finish(&txn).unwrap();
+    let err = store.abort_prepared(&txn.id()).unwrap_err();
+    assert_eq!(missing(&err), Some(Missing::Committed), "{err}");
+    assert!(
+        tm_keys_of(&server, "aborted", &txn).is_empty(),
+        "no tombstone beside the receipt"
+    );
+    assert_eq!(store.get::<String>("a").unwrap().as_deref(), Some("1"));
+    // And what was never prepared here still aborts to `Ok` (a tombstone).
+    let (other, _dm) = prepare(&manager(&log), &store, "b");
+    store.abort_prepared(&other.id()).unwrap();
+    store.abort_prepared(&other.id()).unwrap();
+    assert_eq!(store.get::<String>("b").unwrap(), None);
+}

@@ -399,11 +399,17 @@ end
 
 -- abort: KEYS = record, tombstone, receipt, record index, triples; ARGV = txid, nread,
 -- tombstone TTL (ms). Releases what a prepare took (if it ran) and leaves a
--- tombstone so a prepare arriving late refuses.
+-- tombstone so a prepare arriving late refuses. Returns 1 (a prepare was
+-- released), 0 (none), or APPLIED (status: no record but a receipt; it was
+-- committed and is left so, with no tombstone).
 local function abort(keys, args)
     K = keys
     local had = redis.call('EXISTS', keys[1])
-    if had == 1 then release(tonumber(args[2]), args[1]) end
+    if had == 1 then
+        release(tonumber(args[2]), args[1])
+    elseif redis.call('EXISTS', keys[3]) > 0 then
+        return redis.status_reply('APPLIED')
+    end
     redis.call('SET', keys[2], '1', 'PX', args[3])
     return had
 end
